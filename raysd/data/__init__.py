@@ -1,0 +1,1 @@
+"""Data sets, audio, log-mel features and synthetic machine sounds."""
