@@ -1,0 +1,273 @@
+"""Search presets: ``search_spaces/<name>.yaml`` read, checked and turned into Ray Tune search spaces.
+
+Every key is checked against the family's typed ``Config`` and the shared :class:`TrainHP` before Ray
+starts; an unknown key or an invalid range is a :class:`PresetError` naming the file, the key and what
+is allowed.
+
+A search-space entry is either a fixed value or one of::
+
+    {loguniform: [lo, hi]}   {uniform: [lo, hi]}   {randint: [lo, hi]}   {choice: [a, b, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysd.data.features import CROP_VARIANTS, FeatureSpec
+from raysd.families.base import TrainHP, config_fields, get_family, make_config
+
+SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+METRICS = {"sel_auc": "max", "sel_pauc": "max", "sel_official": "max", "heldout_loss": "min"}
+RULES = ("2020", "2021", "2022")
+
+
+class PresetError(ValueError):
+    """A preset file that cannot be used, with the file and key named."""
+
+
+@dataclass
+class Resources:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def per_trial(self) -> dict[str, float]:
+        return {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
+
+
+@dataclass
+class Scheduler:
+    type: str = "none"  # 'asha' or 'none'
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass
+class FamilySearch:
+    family: str
+    space: dict[str, Any]  # key -> fixed value or {distribution: args}
+    num_samples: int
+    epochs: int
+
+
+@dataclass
+class Preset:
+    name: str
+    path: Path
+    dataset: dict[str, Any]
+    features: FeatureSpec
+    rule: str
+    metric: str
+    mode: str
+    seed: int
+    scheduler: Scheduler
+    resources: Resources
+    max_failures: int
+    families: dict[str, FamilySearch]
+    machine_types: list[str] | None = None
+    heldout: dict[str, Any] = field(default_factory=dict)
+
+    def data_root(self, override: str | os.PathLike | None = None) -> Path | None:
+        if override:
+            return Path(override).expanduser()
+        env = self.dataset.get("root_env")
+        if env and os.environ.get(env):
+            return Path(os.environ[env]).expanduser()
+        root = self.dataset.get("root")
+        return Path(root).expanduser() if root else None
+
+    def crops(self, family: str) -> list[str]:
+        v = self.families[family].space.get("crop", "default")
+        return list(v["choice"]) if isinstance(v, dict) else [v]
+
+
+def _err(path: Path, key: str, msg: str) -> PresetError:
+    return PresetError(f"{path}: key '{key}': {msg}")
+
+
+def _check_value(path: Path, key: str, value: Any, allowed: dict, family_cls) -> None:
+    """Check one candidate value by building the config that would hold it."""
+    where = f"{path}: family '{family_cls.name}'"
+    if key in config_fields(TrainHP):
+        make_config(TrainHP, {key: value}, where)
+    else:
+        make_config(family_cls.Config, {key: value}, where)
+    if key == "crop" and value != "default" and value not in CROP_VARIANTS:
+        raise _err(path, key, f"unknown crop variant {value!r}; allowed: default, {', '.join(CROP_VARIANTS)}")
+
+
+def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None:
+    allowed = {**config_fields(TrainHP), **config_fields(family_cls.Config)}
+    if key not in allowed:
+        raise _err(path, f"families.{fam}.space.{key}",
+                   f"unknown hyperparameter; allowed for '{fam}': {sorted(allowed)}")
+    full = f"families.{fam}.space.{key}"
+    if isinstance(entry, dict):
+        if len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
+            raise _err(path, full, f"a distribution must be one of {list(DISTRIBUTIONS)} with its arguments, got {entry!r}")
+        (dist, args), = entry.items()
+        if dist == "choice":
+            if not isinstance(args, list) or not args:
+                raise _err(path, full, "choice needs a non-empty list")
+            for v in args:
+                _check_value(path, key, v, allowed, family_cls)
+            return
+        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
+            raise _err(path, full, f"{dist} needs [low, high], got {args!r}")
+        lo, hi = args
+        if not lo < hi:
+            raise _err(path, full, f"{dist} needs low < high, got [{lo}, {hi}]")
+        if dist == "loguniform" and lo <= 0:
+            raise _err(path, full, f"loguniform needs low > 0, got {lo}")
+        _check_value(path, key, lo if dist != "randint" else int(lo), allowed, family_cls)
+        _check_value(path, key, hi if dist != "randint" else int(hi) - 1, allowed, family_cls)
+        return
+    try:
+        _check_value(path, key, entry, allowed, family_cls)
+    except ValueError as e:
+        raise _err(path, full, str(e)) from None
+
+
+def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) -> Any:
+    value = raw.get(key, {}) or {}
+    if not isinstance(value, dict):
+        raise _err(path, key, f"must be a mapping, got {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise _err(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {sorted(names)}")
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as e:
+        raise _err(path, key, str(e)) from None
+
+
+TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
+            "max_failures", "families", "machine_types", "heldout", "rule"}
+
+
+def load_preset(name_or_path: str | os.PathLike) -> Preset:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SEARCH_SPACES / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml"))
+        raise PresetError(f"no preset {str(name_or_path)!r} (looked for {path}); known presets: {', '.join(known)}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path}: a preset must be a YAML mapping")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise _err(path, unknown[0], f"unknown top-level key; allowed: {sorted(TOP_KEYS)}")
+
+    dataset = raw.get("dataset") or {}
+    if not isinstance(dataset, dict):
+        raise _err(path, "dataset", "must be a mapping")
+    rule = str(raw.get("rule", dataset.get("rule", "2020")))
+    if rule not in RULES:
+        raise _err(path, "rule", f"must be one of {list(RULES)}, got {rule!r}")
+
+    spec_fields = {f.name for f in dataclasses.fields(FeatureSpec)}
+    feats = raw.get("features") or {}
+    bad = sorted(set(feats) - spec_fields)
+    if bad:
+        raise _err(path, f"features.{bad[0]}", f"unknown feature setting; allowed: {sorted(spec_fields)}")
+    try:
+        spec = FeatureSpec.from_dict(feats)
+    except (TypeError, ValueError) as e:
+        raise _err(path, "features", str(e)) from None
+
+    metric = raw.get("metric", "sel_auc")
+    if metric not in METRICS:
+        raise _err(path, "metric", f"must be one of {sorted(METRICS)}, got {metric!r}")
+
+    scheduler = _section(path, raw, "scheduler", Scheduler)
+    if scheduler.type not in ("asha", "none"):
+        raise _err(path, "scheduler.type", f"must be 'asha' or 'none', got {scheduler.type!r}")
+    resources = _section(path, raw, "resources", Resources)
+    if resources.workers < 1:
+        raise _err(path, "resources.workers", "must be >= 1")
+    if resources.workers > 1 and 0 < resources.gpus_per_worker < 1:
+        raise _err(path, "resources.gpus_per_worker",
+                   "fractional GPUs are only allowed for single-worker trials (DDP needs whole GPUs)")
+
+    fams_raw = raw.get("families")
+    if not isinstance(fams_raw, dict) or not fams_raw:
+        raise _err(path, "families", "must map at least one family name to its search settings")
+    families: dict[str, FamilySearch] = {}
+    for fam, body in fams_raw.items():
+        try:
+            family_cls = get_family(fam)
+        except KeyError as e:
+            raise _err(path, f"families.{fam}", str(e.args[0])) from None
+        body = body or {}
+        extra = sorted(set(body) - {"space", "num_samples", "epochs"})
+        if extra:
+            raise _err(path, f"families.{fam}.{extra[0]}", "unknown key; allowed: space, num_samples, epochs")
+        space = body.get("space") or {}
+        for key, entry in space.items():
+            _check_entry(path, fam, key, entry, family_cls)
+        num_samples = body.get("num_samples", 4)
+        epochs = body.get("epochs", TrainHP.epochs)
+        for k, v in (("num_samples", num_samples), ("epochs", epochs)):
+            if not isinstance(v, int) or v < 1:
+                raise _err(path, f"families.{fam}.{k}", f"must be a positive integer, got {v!r}")
+        families[fam] = FamilySearch(fam, dict(space), num_samples, epochs)
+
+    machine_types = raw.get("machine_types")
+    if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
+        raise _err(path, "machine_types", "must be a list of machine type names")
+    max_failures = raw.get("max_failures", 2)
+    if not isinstance(max_failures, int) or max_failures < 0:
+        raise _err(path, "max_failures", f"must be an integer >= 0, got {max_failures!r}")
+    return Preset(
+        name=str(raw.get("name", path.stem)), path=path, dataset=dataset, features=spec, rule=rule,
+        metric=metric, mode=METRICS[metric], seed=int(raw.get("seed", 0)), scheduler=scheduler,
+        resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
+        heldout=raw.get("heldout") or {},
+    )
+
+
+def tune_space(search: FamilySearch) -> dict[str, Any]:
+    """The Ray Tune ``param_space`` of one family's search (fixed values stay plain)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, entry in search.space.items():
+        if isinstance(entry, dict):
+            (dist, args), = entry.items()
+            if dist == "choice":
+                out[key] = tune.choice(list(args))
+            elif dist == "loguniform":
+                out[key] = tune.loguniform(*args)
+            elif dist == "uniform":
+                out[key] = tune.uniform(*args)
+            else:
+                out[key] = tune.randint(int(args[0]), int(args[1]))
+        else:
+            out[key] = entry
+    out["epochs"] = search.epochs
+    return out
+
+
+def split_hp(family: str, params: dict[str, Any]) -> tuple[TrainHP, Any]:
+    """Trial parameters -> (TrainHP, the family's Config)."""
+    cls = get_family(family)
+    shared = config_fields(TrainHP)
+    hp = make_config(TrainHP, {k: v for k, v in params.items() if k in shared}, f"trial of {family}")
+    cfg = make_config(cls.Config, {k: v for k, v in params.items() if k not in shared}, f"trial of {family}")
+    return hp, cfg

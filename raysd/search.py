@@ -1,0 +1,378 @@
+"""``python -m raysd.search PRESET``: every (machine type, family) study of a preset, searched with
+Ray Tune + Optuna, each trial a Ray Train ``TorchTrainer``.
+
+One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE, persisted in SQLite under the experiment
+folder) and an optional ``ASHAScheduler``. Studies run concurrently as Ray tasks on the attached
+cluster, at most as many at once as the cluster can run trials, so pending placement groups of one
+study cannot starve another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysd import storage
+from raysd.presets import Preset, PresetError, load_preset, tune_space
+from raysd.trial import StudyJob, run_trial
+
+
+DRIVER_CPU = 0.001
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYSD_CACHE", Path.home() / ".cache" / "raysd")).expanduser()
+
+
+class SearchError(RuntimeError):
+    """A search that cannot start, with what to do about it."""
+
+
+@dataclass
+class Plan:
+    preset: Preset
+    experiment: str
+    data_root: Path
+    layout: str
+    catalog: Any
+    studies: list[StudyJob]
+    num_samples: dict[str, int]
+
+    def trials_total(self) -> int:
+        return sum(self.num_samples[s.study] for s in self.studies)
+
+
+def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: bool = False) -> Path:
+    root = preset.data_root(data_root)
+    if root is not None:
+        if not root.exists():
+            raise SearchError(f"data root {root} does not exist")
+        return root
+    synthetic = preset.dataset.get("synthetic")
+    if not synthetic:
+        env = preset.dataset.get("root_env", "a data root")
+        raise SearchError(
+            f"preset '{preset.name}' needs real data: pass --data-root DIR or set {env}.\n"
+            f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR\n"
+            f"  Or try the whole loop on synthetic machine sounds first: python -m raysd.search demo")
+    from raysd.data import synth
+
+    seed = int(preset.dataset.get("synthetic_seed", 0))
+    layout = preset.dataset.get("synthetic_layout", "dcase2020")
+    out = cache_dir / "synthetic" / f"{synthetic}-{layout}-seed{seed}"
+    if not (out / "synth_meta.csv").exists():
+        if not quiet:
+            print(f"[raysd] no data root given: generating synthetic machine sounds (preset '{synthetic}') into {out}")
+        synth.generate(out, preset=synthetic, seed=seed, layout=layout)
+    elif not quiet:
+        print(f"[raysd] no data root given: using synthetic machine sounds in {out}")
+    return out
+
+
+def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
+    from raysd.data.catalog import Catalog
+
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    root = resolve_data(preset, args.data_root, cache_dir)
+    catalog = Catalog.scan(root, clip_seconds=preset.features.clip_seconds,
+                           layout=preset.dataset.get("layout") if preset.dataset.get("layout") != "auto" else None)
+    found = catalog.machine_types
+    wanted = args.machine_types or preset.machine_types or found
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise SearchError(f"machine type(s) {missing} not found in {root}; found: {found}")
+    families = args.families or list(preset.families)
+    unknown = sorted(set(families) - set(preset.families))
+    if unknown:
+        raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
+    storage_path = args.storage_path or str(Path("experiments").resolve())
+    experiment = storage.join(storage_path, args.name or preset.name)
+    res = preset.resources
+    studies, num_samples = [], {}
+    for mt in wanted:
+        for fam in families:
+            name = f"{mt.replace('/', '-')}__{fam}"
+            studies.append(StudyJob(
+                study=name, family=fam, machine_type=mt, catalog=catalog.table, data_root=str(root),
+                layout=catalog.layout, spec=preset.features.to_dict(), rule=preset.rule, metric=preset.metric,
+                cache_dir=str(cache_dir), experiment=experiment, workers=args.workers or res.workers,
+                use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
+                max_failures=preset.max_failures, heldout=preset.heldout))
+            num_samples[name] = args.num_samples or preset.families[fam].num_samples
+    return Plan(preset, experiment, root, catalog.layout, catalog, studies, num_samples)
+
+
+def print_plan(plan: Plan, epochs: dict[str, int]) -> None:
+    res = plan.preset.resources
+    print(f"preset {plan.preset.name} ({plan.preset.path}); data {plan.data_root} [{plan.layout}], "
+          f"{len(plan.catalog.table)} clips; experiment {plan.experiment}")
+    print(f"metric {plan.preset.metric} ({plan.preset.mode}), rule {plan.preset.rule}, scheduler {plan.preset.scheduler.type}")
+    print(f"{'study':40s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    for s in plan.studies:
+        per = f"{s.workers} worker(s) x {res.cpus_per_worker:g} CPU" + (f" + {res.gpus_per_worker:g} GPU" if s.use_gpu else "")
+        print(f"{s.study:40s} {plan.num_samples[s.study]:6d} {epochs[s.family]:6d}  {per}")
+    print(f"total: {len(plan.studies)} studies, {plan.trials_total()} trials")
+
+
+def feature_specs(plan: Plan) -> list:
+    specs = []
+    for fam in {s.family for s in plan.studies}:
+        for crop in plan.preset.crops(fam):
+            spec = plan.preset.features.with_crop(crop)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def warm_cache(plan: Plan) -> None:
+    """Fill the feature cache once for every crop variant the preset searches, before trials start."""
+    from raysd.data.features import FeatureStore
+
+    for spec in feature_specs(plan):
+        t0 = time.perf_counter()
+        store = FeatureStore.open(plan.catalog, spec, plan.studies[0].cache_dir)
+        print(f"[raysd] features {spec.key()} ({spec.kept_mels} mels x {spec.n_frames} frames): "
+              f"{len(plan.catalog.table)} clips ready in {time.perf_counter() - t0:.1f}s"
+              + (f", {len(store.failed)} unreadable clip(s) skipped" if getattr(store, "failed", None) else ""))
+
+
+def trial_resources(job: StudyJob) -> dict[str, float]:
+    return {"CPU": job.workers * job.cpus_per_worker + DRIVER_CPU, "GPU": job.workers * job.gpus_per_worker if job.use_gpu else 0.0}
+
+
+def cluster_capacity(jobs: list[StudyJob]) -> int:
+    """How many trials of the largest kind the cluster can run at once (at least 1)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need = max((trial_resources(j) for j in jobs), key=lambda r: (r["GPU"], r["CPU"]))
+    fits = [int(total.get(k, 0) // v) for k, v in need.items() if v > 0]
+    return max(1, min(fits) if fits else 1)
+
+
+def optuna_storage_url(experiment: str, study: str, override: str | None) -> str:
+    if override:
+        return override
+    if storage.is_remote(experiment):
+        local = default_cache_dir() / "optuna" / experiment.split("://", 1)[1].replace("/", "_")
+    else:
+        local = Path(experiment) / "optuna"
+    local.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local / (study + '.db')}"
+
+
+def study_trainable(job: StudyJob):
+    """The study's Tune function trainable, under a name unique to (experiment, study).
+
+    Tune registers trainables cluster-wide by name; studies running concurrently must not share one,
+    or a trial could pick up another study's job."""
+    import hashlib
+    import re
+
+    def trainable(params: dict) -> None:
+        run_trial(params, job)
+
+    tag = hashlib.sha1(job.experiment.encode()).hexdigest()[:8]
+    trainable.__name__ = trainable.__qualname__ = f"raysd_{tag}_{re.sub(r'[^A-Za-z0-9_]', '_', job.study)}"
+    return trainable
+
+
+def trial_line_callback(study: str, metric: str):
+    """A Tune callback printing one line per finished or failed trial with its metric."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self, study: str, metric: str):
+            self.study, self.metric = study, metric
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            value = (trial.last_result or {}).get(self.metric)
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+            print(f"[raysd] {self.study} trial {trial.trial_id} finished: {self.metric}={shown}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[raysd] {self.study} trial {trial.trial_id} failed "
+                  f"(reason in trials/{self.study}/{trial.trial_id}.json)", flush=True)
+
+    return TrialLines(study, metric)
+
+
+def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, max_concurrent: int,
+                seed: int, optuna_url: str | None, resume: bool):
+    import optuna
+    import ray.tune
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
+    # empty request, so it holds a token CPU share (see init_ray for the local case).
+    trainable = tune.with_resources(study_trainable(job), {"cpu": DRIVER_CPU})
+    study_path = storage.join(job.experiment, "studies", job.study)
+    if resume and ray.tune.Tuner.can_restore(study_path):
+        return ray.tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+    search = preset.families[job.family]
+    space = tune_space(search)
+    space["epochs"] = epochs
+    url = optuna_storage_url(job.experiment, job.study, optuna_url)
+    searcher = OptunaSearch(
+        metric=preset.metric, mode=preset.mode, study_name=job.study,
+        storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    scheduler = None
+    if preset.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                  grace_period=min(preset.scheduler.grace_period, epochs),
+                                  reduction_factor=preset.scheduler.reduction_factor)
+    return ray.tune.Tuner(
+        trainable, param_space=space,
+        tune_config=ray.tune.TuneConfig(metric=preset.metric, mode=preset.mode, search_alg=searcher,
+                                        scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=max_concurrent),
+        run_config=ray.tune.RunConfig(name=job.study, storage_path=storage.join(job.experiment, "studies"),
+                                      failure_config=ray.tune.FailureConfig(max_failures=0),
+                                      callbacks=[trial_line_callback(job.study, preset.metric)], verbose=1),
+    )
+
+
+def run_study(job: StudyJob, preset: Preset, num_samples: int, epochs: int, max_concurrent: int, seed: int,
+              optuna_url: str | None, resume: bool) -> dict:
+    """Run (or resume) one study to completion; returns its best trial."""
+    tuner = build_tuner(job, preset, num_samples, epochs, max_concurrent, seed, optuna_url, resume)
+    grid = tuner.fit()
+    finished = [r for r in grid if r.error is None and r.metrics and preset.metric in r.metrics]
+    best = None
+    if finished:
+        pick = (max if preset.mode == "max" else min)(finished, key=lambda r: r.metrics[preset.metric])
+        best = {"trial_id": pick.metrics.get("trial_id"), preset.metric: pick.metrics[preset.metric],
+                "config": pick.config}
+    return {"study": job.study, "trials": len(grid), "errors": sum(r.error is not None for r in grid), "best": best}
+
+
+def check_storage(experiment: str, shared_fs: bool) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_remote(experiment) and not shared_fs:
+        raise SearchError(
+            f"this Ray cluster has {len(nodes)} nodes, so results need shared storage (S3, GCS or NFS), but the "
+            f"storage path {experiment} is a local folder: trials "
+            "on other nodes would write their checkpoints and score tables where the leaderboard cannot read them. "
+            "Pass --storage-path s3://bucket/path or gs://bucket/path (or an NFS folder mounted on every node, "
+            "with --shared-fs).")
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address="auto", log_to_driver=True)  # inside `ray job submit` or an explicit cluster
+    else:
+        # One extra logical CPU holds the trial drivers' token shares, so trials whose workers take every
+        # core can still start.
+        ray.init(include_dashboard=False, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raysd.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("preset", help="preset name in search_spaces/ (demo, dcase20, dcase21, dcase23, birdaudio) or a YAML path")
+    p.add_argument("--data-root", help="data set root (default: the preset's, or its environment variable)")
+    p.add_argument("--machine-types", nargs="+", help="only these machine types")
+    p.add_argument("--families", nargs="+", help="only these model families")
+    p.add_argument("--num-samples", type=int, help="trials per study (overrides the preset)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (overrides the preset)")
+    p.add_argument("--workers", type=int, help="DDP workers per trial (overrides the preset)")
+    p.add_argument("--storage-path", help="where experiments go: a folder, s3://... or gs://... (default ./experiments)")
+    p.add_argument("--name", help="experiment name (default: the preset name)")
+    p.add_argument("--cache-dir", help="feature cache and synthetic data (default $RAYSD_CACHE or ~/.cache/raysd)")
+    p.add_argument("--optuna-storage", help="Optuna storage URL (default: SQLite files in the experiment folder)")
+    p.add_argument("--concurrency", type=int, help="max studies running at once (default: what the cluster fits)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of the same name")
+    p.add_argument("--dry-run", action="store_true", help="print the studies and trial counts, run nothing")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (overrides the preset)")
+    p.add_argument("--shared-fs", action="store_true", help="the local storage path is shared by every node (NFS)")
+    p.add_argument("--results-dir", help="where the leaderboard's reports go (default results/<preset>)")
+    p.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        preset = load_preset(args.preset)
+        plan = make_plan(preset, args)
+    except (PresetError, SearchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    epochs = {f: args.epochs or preset.families[f].epochs for f in preset.families}
+    print_plan(plan, epochs)
+    if args.dry_run:
+        return 0
+
+    import ray
+
+    init_ray()
+    try:
+        check_storage(plan.experiment, args.shared_fs)
+    except SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not storage.is_remote(plan.experiment):
+        Path(plan.experiment).mkdir(parents=True, exist_ok=True)
+    storage.write_json(storage.join(plan.experiment, "experiment.json"), {
+        "preset": preset.name, "preset_path": str(preset.path), "rule": preset.rule, "metric": preset.metric,
+        "mode": preset.mode, "data_root": str(plan.data_root), "layout": plan.layout,
+        "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    warm_cache(plan)
+
+    capacity = cluster_capacity(plan.studies)
+    concurrency = args.concurrency or capacity
+    per_study = max(1, capacity // min(concurrency, len(plan.studies)))
+    seed = args.seed if args.seed is not None else preset.seed
+    remote = ray.remote(num_cpus=0)(run_study)
+    pending = list(plan.studies)
+    running: dict[Any, StudyJob] = {}
+    summaries, failures = [], []
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < concurrency:
+            job = pending.pop(0)
+            ref = remote.remote(job, preset, plan.num_samples[job.study], epochs[job.family], per_study, seed,
+                                args.optuna_storage, args.resume)
+            running[ref] = job
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            job = running.pop(ref)
+            try:
+                summary = ray.get(ref)
+                summaries.append(summary)
+                best = summary["best"]
+                print(f"[raysd] study {job.study} done: {summary['trials']} trials, {summary['errors']} failed; best "
+                      + (f"{preset.metric}={best[preset.metric]:.4f}" if best else "none"))
+            except Exception as e:  # a study that crashed must not stop the others
+                failures.append((job.study, e))
+                print(f"[raysd] study {job.study} crashed: {e}", file=sys.stderr)
+    print(f"[raysd] {len(summaries)} studies finished in {time.time() - t0:.0f}s; experiment: {plan.experiment}")
+    storage.write_json(storage.join(plan.experiment, "studies.json"), summaries)
+    if not args.no_leaderboard:
+        run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name))
+    return 1 if failures else 0
+
+
+def run_leaderboard(plan: Plan, out: str) -> None:
+    from raysd import leaderboard
+
+    leaderboard.main([plan.experiment, "--out", out])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""One search trial: a Ray Tune function trainable that launches a Ray Train ``TorchTrainer`` (the
+Ray 2.60 Train V2 pattern), and the per-worker loop it runs.
+
+Each epoch the workers train on their shards, score the selection half of the labelled test clips,
+and report ``train_loss`` plus the selection metrics with a checkpoint (model, optimiser, epoch).
+The last checkpoint also holds the per-clip score tables ``scores_test.csv`` and ``scores_train.csv``
+that the leaderboard consumes. ``<experiment>/trials/<study>/<trial_id>.json`` records every trial's
+outcome, failed ones included, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raysd import storage
+from raysd.data.features import FeatureSpec
+from raysd.families.base import ClipSet, get_family
+from raysd.presets import split_hp
+from raysd.train import NonFiniteLoss, Trainer, shard_indices
+
+SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
+STATE_FILE = "state.pt"
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended without a usable model (e.g. its loss became NaN)."""
+
+
+@dataclass
+class StudyJob:
+    """Everything a trial of one study needs, captured by the study's Tune trainable."""
+
+    study: str
+    family: str
+    machine_type: str
+    catalog: pd.DataFrame
+    data_root: str
+    layout: str
+    spec: dict
+    rule: str
+    metric: str
+    cache_dir: str
+    experiment: str  # experiment root (local path or s3://, gs://)
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+    heldout: dict = field(default_factory=dict)
+
+    @property
+    def train_storage(self) -> str:
+        return storage.join(self.experiment, "train", self.study)
+
+    def trial_record(self, trial_id: str) -> str:
+        return storage.join(self.experiment, "trials", self.study, f"{trial_id}.json")
+
+
+def test_half(files: pd.Series) -> np.ndarray:
+    from raysd.metrics import split_half
+
+    return np.array([split_half(f) for f in files], dtype=object)
+
+
+def selection_metrics(table: pd.DataFrame, rule: str) -> dict[str, float]:
+    """sel_auc / sel_pauc (mean over sections) and sel_official (the year's official aggregate)."""
+    from raysd.metrics import evaluate
+
+    sel = table[(table["half"] == "selection") & table["label"].notna()]
+    if sel.empty or sel["label"].nunique() < 2:
+        return {}
+    _, official = evaluate(sel, rule=rule)
+    return {"sel_auc": float(official["auc"]), "sel_pauc": float(official["pauc"]),
+            "sel_official": float(official["score"])}
+
+
+def _gather(values: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [values]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, values)
+    return out
+
+
+def distributed_scores(trainer: Trainer, data: ClipSet, rank: int, world: int) -> np.ndarray:
+    """Each rank scores every ``world``-th clip; every rank gets the full score vector back."""
+    n = len(data)
+    idx = torch.arange(rank, n, world)
+    part = trainer.score(data.subset(idx)) if len(idx) else np.zeros(0)
+    parts = _gather(part, world)
+    out = np.empty(n)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
+
+
+def score_table(rows: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    t = rows[["file", "machine_type", "section", "domain", "split", "label"]].reset_index(drop=True).copy()
+    t["half"] = test_half(t["file"]) if len(t) else []
+    t.loc[t["split"] == "train", "half"] = "train"
+    t["score"] = scores
+    return t[SCORE_COLUMNS]
+
+
+def train_worker(cfg: dict) -> None:
+    """Ray Train per-worker loop (runs on every DDP worker)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from raysd.data.catalog import Catalog
+    from raysd.data.features import FeatureStore
+    from raysd.data.study import load_study
+
+    job: StudyJob = cfg["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    hp, fam_cfg = split_hp(job.family, cfg["params"])
+    family = get_family(job.family)(fam_cfg)
+    view = family.view()
+
+    spec = FeatureSpec.from_dict(job.spec).with_crop(hp.crop)
+    catalog = Catalog(job.catalog, job.data_root, job.layout)
+    store = FeatureStore.open(catalog, spec, job.cache_dir)
+    study = load_study(catalog, store, job.machine_type)
+    train_full = study.train_set(view).to(device)
+    shard = train_full.subset(shard_indices(len(train_full), rank, world))
+    test = study.test_set(view)
+    test_rows = study.test_table.reset_index(drop=True)
+    labelled = test_rows["label"].notna().to_numpy()
+    halves = test_half(test_rows["file"])
+    sel_idx = torch.from_numpy(np.flatnonzero(labelled & (halves == "selection")))
+    sel_set = test.subset(sel_idx).to(device)
+    sel_rows = test_rows.iloc[sel_idx.numpy()]
+
+    trainer = Trainer(family, hp, study.info, device, wrap=ray.train.torch.prepare_model)
+    nodes = sorted(set(_gather(ray.get_runtime_context().get_node_id(), world)))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
+    else:
+        trainer.before_training(train_full)
+
+    t_start = time.perf_counter()
+    while trainer.epoch < hp.epochs:
+        try:
+            stats = trainer.train_epoch(shard)
+        except NonFiniteLoss as e:
+            ray.train.report({"epoch": trainer.epoch + 1, "failed": str(e), "train_loss": float("nan")})
+            return
+        trainer.after_training(train_full)
+        last = trainer.epoch >= hp.epochs
+        sel_scores = distributed_scores(trainer, sel_set, rank, world)
+        metrics: dict[str, Any] = {"epoch": trainer.epoch, "train_loss": stats.loss, "nodes": ",".join(nodes),
+                                   "samples_per_s": stats.samples * world / max(stats.seconds, 1e-9)}
+        metrics.update(selection_metrics(score_table(sel_rows, sel_scores), job.rule))
+        if last:
+            test_scores = distributed_scores(trainer, test.to(device), rank, world)
+            train_scores = distributed_scores(trainer, train_full, rank, world)
+            metrics["train_seconds"] = time.perf_counter() - t_start
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
+                (Path(d) / "trial.json").write_text(json.dumps(
+                    {"family": job.family, "machine_type": job.machine_type, "params": cfg["params"],
+                     "spec": spec.to_dict(), "info": study.info.__dict__, "epoch": trainer.epoch}, default=str))
+                if last:
+                    score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)
+                    score_table(study.train_table, train_scores).to_csv(Path(d) / "scores_train.csv", index=False)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def checkpoint_uri(experiment: str, checkpoint: Any) -> str | None:
+    """A checkpoint's location as a path or URI that ``raysd.storage`` and ``pyarrow.fs`` can open."""
+    if checkpoint is None:
+        return None
+    if storage.is_remote(experiment) and "://" not in checkpoint.path:
+        return f"{experiment.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path
+
+
+def run_trial(params: dict, job: StudyJob) -> None:
+    """Ray Tune function trainable: one ``TorchTrainer`` run per trial, named by the trial id so that a
+    restarted trial resumes from its last checkpoint."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    per_worker = {"CPU": job.cpus_per_worker}
+    if job.use_gpu:
+        per_worker["GPU"] = job.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job, "params": params},
+        scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=job.train_storage, callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+        ),
+    )
+    record = {"study": job.study, "family": job.family, "machine_type": job.machine_type, "trial_id": trial_id,
+              "params": params, "workers": job.workers, "gpus": job.workers * job.gpus_per_worker if job.use_gpu else 0}
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        storage.write_json(job.trial_record(trial_id), {**record, "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                                                        "wall_seconds": time.time() - t0})
+        raise
+    metrics = dict(result.metrics or {})
+    wall = time.time() - t0
+    record.update(metrics=metrics, wall_seconds=wall, gpu_hours=record["gpus"] * wall / 3600,
+                  checkpoint=checkpoint_uri(job.experiment, result.checkpoint))
+    if metrics.get("failed"):
+        storage.write_json(job.trial_record(trial_id), {**record, "status": "failed", "reason": metrics["failed"]})
+        raise TrialFailed(metrics["failed"])
+    storage.write_json(job.trial_record(trial_id), {**record, "status": "finished"})

@@ -1,0 +1,182 @@
+"""The search: presets validate, bad presets name the key, and real Ray runs (tiny trials on CPU).
+
+The Ray tests start real clusters, so they are slow on 2 cores; they share one tiny data set and keep
+every trial to one or two epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysd import search
+from raysd.presets import SEARCH_SPACES, PresetError, load_preset
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_USAGE_STATS_ENABLED": "0",
+       "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("path", sorted(SEARCH_SPACES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_validates(path: Path) -> None:
+    preset = load_preset(path)
+    assert preset.families
+    assert preset.metric in ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")
+
+
+def _write(tmp_path: Path, body: dict) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+BASE = {"dataset": {"synthetic": "tiny"}, "families": {"dense_ae": {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}}}}
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"families": {"dense_ae": {"space": {"learning_rate": 0.1}}}}, "learning_rate"),
+    ({"families": {"dense_ae": {"space": {"lr": {"loguniform": [1e-2, 1e-4]}}}}}, "lr"),
+    ({"families": {"dense_ae": {"space": {"lr": {"loguniform": [0, 1e-2]}}}}}, "lr"),
+    ({"families": {"dense_ae": {"space": {"batch_size": {"choice": [32, "big"]}}}}}, "batch_size"),
+    ({"families": {"dense_ae": {"space": {"crop": {"choice": ["none", "wide"]}}}}}, "crop"),
+    ({"families": {"dense_ae": {"space": {"lr": {"normal": [0, 1]}}}}}, "lr"),
+    ({"families": {"no_such_family": {}}}, "no_such_family"),
+    ({"metric": "accuracy"}, "metric"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
+    ({"resources": {"workers": 2, "gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),
+    ({"features": {"n_mel": 64}}, "features.n_mel"),
+    ({"epochs_total": 3}, "epochs_total"),
+])
+def test_invalid_preset_names_file_and_key(tmp_path: Path, change: dict, key: str) -> None:
+    body = {**BASE, **change}
+    path = _write(tmp_path, body)
+    with pytest.raises(PresetError) as e:
+        load_preset(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg
+
+
+def test_missing_data_root_explains_how_to_get_data(capsys) -> None:
+    assert search.main(["dcase20", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "raysd.data.download" in err and "demo" in err
+
+
+def test_dry_run_prints_studies_and_totals(tiny_root: Path, tmp_path: Path, capsys) -> None:
+    rc = search.main(["demo", "--data-root", str(tiny_root), "--dry-run", "--cache-dir", str(tmp_path / "c"),
+                      "--storage-path", str(tmp_path / "exp")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fan__dense_ae" in out and "valve__conv_ae" in out
+    assert "total: 4 studies, 8 trials" in out
+    assert not (tmp_path / "exp").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real Ray runs
+
+
+def _preset(tmp_path: Path, families: dict, **extra) -> Path:
+    body = {
+        "name": "t", "dataset": {"layout": "auto"}, "rule": "2020",
+        "features": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 64, "clip_seconds": 3.0},
+        "metric": "sel_auc", "seed": 0, "scheduler": {"type": "none"}, "max_failures": 1,
+        "resources": {"workers": 1, "cpus_per_worker": 1}, "families": families, **extra,
+    }
+    p = tmp_path / "preset.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def _search_cmd(preset: Path, root: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raysd.search", str(preset), "--data-root", str(root),
+            "--cache-dir", str(tmp_path / "cache"), "--storage-path", str(tmp_path / "exp"),
+            "--results-dir", str(tmp_path / "results"), *extra]
+
+
+def _records(exp: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for f in sorted((exp / "trials").glob("*/*.json")):
+        out.setdefault(f.parent.name, []).append(json.loads(f.read_text()))
+    return out
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) -> None:
+    """2 families x 2 machine types x 2 trials, trials of 2 DDP workers (gloo); the driver is interrupted
+    after the first finished trial and resumed; every requested trial exists exactly once."""
+    fams = {
+        "dense_ae": {"num_samples": 2, "epochs": 2, "space": {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 512}},
+        "conv_ae": {"num_samples": 2, "epochs": 2, "space": {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 64, "hop": 44}},
+    }
+    preset = _preset(tmp_path, fams, machine_types=["fan", "valve"])
+    exp = tmp_path / "exp" / "t"
+    cmd = _search_cmd(preset, tiny_root, tmp_path, "--workers", "2")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(r["status"] == "finished" for rs in _records(exp).values() for r in rs):
+                break
+            time.sleep(2)
+        assert proc.poll() is None, f"search ended before it could be interrupted:\n{proc.stdout.read()}"
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    before = _records(exp)
+    assert 1 <= sum(len(v) for v in before.values()) < 8
+
+    done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    records = _records(exp)
+    assert sorted(records) == ["fan__conv_ae", "fan__dense_ae", "valve__conv_ae", "valve__dense_ae"]
+    for study, rs in records.items():
+        ids = [r["trial_id"] for r in rs]
+        assert len(ids) == 2 == len(set(ids)), (study, ids)
+        for r in rs:
+            assert r["status"] == "finished", r
+            assert r["workers"] == 2
+            assert 0.0 <= r["metrics"]["sel_auc"] <= 1.0
+            ck = Path(r["checkpoint"])
+            scores = __import__("pandas").read_csv(ck / "scores_test.csv")
+            assert set(scores["half"]) == {"selection", "report"}
+            assert scores["score"].notna().all()
+            train_scores = __import__("pandas").read_csv(ck / "scores_train.csv")
+            assert (train_scores["split"] == "train").all() and len(train_scores) > 0
+    # the trials that had finished before the interruption were not run again
+    for study, rs in before.items():
+        for r in rs:
+            again = [x for x in records[study] if x["trial_id"] == r["trial_id"]]
+            assert again and again[0]["checkpoint"] == r["checkpoint"]
+    assert (tmp_path / "exp" / "t" / "optuna" / "fan__dense_ae.db").exists()
+    assert (tmp_path / "results" / "leaderboard.csv").exists()
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_with_reason_and_search_continues(tiny_root: Path, tmp_path: Path) -> None:
+    fams = {
+        "dense_ae": {"num_samples": 1, "epochs": 1, "space": {"optimizer": "sgd", "lr": 1.0e12, "batch_size": 512}},
+        "vae": {"num_samples": 1, "epochs": 1, "space": {"lr": 1e-3, "batch_size": 512}},
+    }
+    preset = _preset(tmp_path, fams, machine_types=["fan"])
+    done = subprocess.run(_search_cmd(preset, tiny_root, tmp_path, "--no-leaderboard"), cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    records = _records(tmp_path / "exp" / "t")
+    (bad,) = records["fan__dense_ae"]
+    assert bad["status"] == "failed"
+    assert "nan" in bad["reason"].lower() or "inf" in bad["reason"].lower()
+    (good,) = records["fan__vae"]
+    assert good["status"] == "finished"
