@@ -59,7 +59,8 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
         env = preset.dataset.get("root_env", "a data root")
         raise SearchError(
             f"preset '{preset.name}' needs real data: pass --data-root DIR or set {env}.\n"
-            f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR\n"
+            f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR "
+            f"(it prints the --data-root to pass)\n"
             f"  Or try the whole loop on synthetic machine sounds first: python -m raysd.search demo")
     from raysd.data import synth
 
@@ -91,6 +92,12 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     unknown = sorted(set(families) - set(preset.families))
     if unknown:
         raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
+    study_table = None
+    if preset.heldout:
+        from raysd.data.heldout import HeldoutConfig, assign
+        from raysd.families.base import make_config
+
+        study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
     storage_path = args.storage_path or str(Path("experiments").resolve())
     experiment = storage.join(storage_path, args.name or preset.name)
     res = preset.resources
@@ -103,7 +110,7 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
                 layout=catalog.layout, spec=preset.features.to_dict(), rule=preset.rule, metric=preset.metric,
                 cache_dir=str(cache_dir), experiment=experiment, workers=args.workers or res.workers,
                 use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
-                max_failures=preset.max_failures, heldout=preset.heldout))
+                max_failures=preset.max_failures, study_table=study_table))
             num_samples[name] = args.num_samples or preset.families[fam].num_samples
     return Plan(preset, experiment, root, catalog.layout, catalog, studies, num_samples)
 
