@@ -231,6 +231,14 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     machine_types = raw.get("machine_types")
     if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
         raise _err(path, "machine_types", "must be a list of machine type names")
+    heldout = raw.get("heldout") or {}
+    if heldout:
+        from raysd.data.heldout import HeldoutConfig
+
+        try:
+            make_config(HeldoutConfig, heldout, f"{path}: heldout")
+        except ValueError as e:
+            raise PresetError(str(e)) from None
     max_failures = raw.get("max_failures", 2)
     if not isinstance(max_failures, int) or max_failures < 0:
         raise _err(path, "max_failures", f"must be an integer >= 0, got {max_failures!r}")
@@ -238,7 +246,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         name=str(raw.get("name", path.stem)), path=path, dataset=dataset, features=spec, rule=rule,
         metric=metric, mode=METRICS[metric], seed=int(raw.get("seed", 0)), scheduler=scheduler,
         resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
-        heldout=raw.get("heldout") or {},
+        heldout=heldout,
     )
 
 

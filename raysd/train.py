@@ -72,6 +72,8 @@ class Trainer:
         self.dtype = amp_dtype(hp, self.device)
         self.generator = torch.Generator().manual_seed(hp.seed)
         self.epoch = 0
+        self.active: torch.Tensor | None = None  # indices of the training clips still trained on
+        self.pruned: list[tuple[int, int, float]] = []  # (epoch, clip index, score) of dropped clips
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
@@ -133,26 +135,57 @@ class Trainer:
             out.append(s.float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 
+    def pruning_due(self) -> bool:
+        hp = self.hp
+        return hp.prune_every > 0 and hp.prune_fraction > 0 and self.epoch % hp.prune_every == 0 \
+            and self.epoch < hp.epochs
+
+    def prune(self, data: ClipSet) -> torch.Tensor:
+        """Drop ``round(prune_fraction * remaining)`` training clips with the highest current anomaly
+        score (for reconstruction families, their reconstruction error) from the next epochs.
+
+        Returns the dropped indices (into ``data``); they are also recorded in ``self.pruned``."""
+        active = self.active if self.active is not None else torch.arange(len(data))
+        self.after_training(data.subset(active))
+        scores = self.score(data.subset(active))
+        k = int(round(self.hp.prune_fraction * len(active)))
+        order = np.argsort(-scores, kind="stable")
+        dropped, kept = active[torch.from_numpy(order[:k])], active[torch.from_numpy(np.sort(order[k:]))]
+        self.active = kept
+        self.pruned.extend((self.epoch, int(i), float(scores[j])) for i, j in zip(dropped, order[:k]))
+        return dropped
+
+    def training_data(self, data: ClipSet) -> ClipSet:
+        """The clips still trained on (all of them unless some were pruned)."""
+        return data if self.active is None else data.subset(self.active)
+
     def fit(self, data: ClipSet, epochs: int | None = None,
             on_epoch: Callable[[int, EpochStats], None] | None = None) -> list[EpochStats]:
-        """Plain training: hooks, ``epochs`` epochs (default ``hp.epochs``), hooks."""
+        """Plain training: hooks, ``epochs`` epochs (default ``hp.epochs``) with optional pruning, hooks."""
         if self.epoch == 0:
             self.before_training(data)
         stats = []
+        current = self.training_data(data)
         for _ in range(epochs if epochs is not None else self.hp.epochs):
-            s = self.train_epoch(data)
+            s = self.train_epoch(current)
             stats.append(s)
             if on_epoch is not None:
                 on_epoch(self.epoch, s)
-        self.after_training(data)
+            if self.pruning_due():
+                self.prune(data)
+                current = self.training_data(data)
+        self.after_training(current)
         return stats
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "active": self.active,
+                "pruned": torch.tensor(self.pruned, dtype=torch.float64).reshape(-1, 3)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
+        self.active = state.get("active")
+        self.pruned = [(int(e), int(i), float(v)) for e, i, v in state.get("pruned", torch.zeros(0, 3)).tolist()]

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class StudyJob:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2
-    heldout: dict = field(default_factory=dict)
+    study_table: pd.DataFrame | None = None  # catalog rows with held-out / test splits assigned (unlabelled data)
 
     @property
     def train_storage(self) -> str:
@@ -114,6 +114,15 @@ def score_table(rows: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
     return t[SCORE_COLUMNS]
 
 
+def pruned_table(train_rows: pd.DataFrame, pruned: list[tuple[int, int, float]]) -> pd.DataFrame:
+    """The training clips that anomaly pruning dropped: file, offset, epoch dropped, score then."""
+    rows = train_rows.reset_index(drop=True)
+    out = pd.DataFrame(pruned, columns=["epoch", "clip", "score"]).drop_duplicates("clip")
+    out.insert(0, "file", rows.loc[out["clip"], "file"].to_numpy())
+    out.insert(1, "offset", rows.loc[out["clip"], "offset"].to_numpy())
+    return out.drop(columns="clip").sort_values(["epoch", "score"], ascending=[True, False])
+
+
 def train_worker(cfg: dict) -> None:
     """Ray Train per-worker loop (runs on every DDP worker)."""
     import ray
@@ -135,9 +144,13 @@ def train_worker(cfg: dict) -> None:
     spec = FeatureSpec.from_dict(job.spec).with_crop(hp.crop)
     catalog = Catalog(job.catalog, job.data_root, job.layout)
     store = FeatureStore.open(catalog, spec, job.cache_dir)
+    if job.study_table is not None:
+        catalog = Catalog(job.study_table, job.data_root, job.layout)
     study = load_study(catalog, store, job.machine_type)
     train_full = study.train_set(view).to(device)
-    shard = train_full.subset(shard_indices(len(train_full), rank, world))
+    shard_idx = shard_indices(len(train_full), rank, world)
+    shard = train_full.subset(shard_idx)
+    heldout = study.heldout_set(view).to(device) if study.has_heldout else None
     test = study.test_set(view)
     test_rows = study.test_table.reset_index(drop=True)
     labelled = test_rows["label"].notna().to_numpy()
@@ -155,20 +168,38 @@ def train_worker(cfg: dict) -> None:
     else:
         trainer.before_training(train_full)
 
+    def kept_full() -> ClipSet:
+        """Training clips of every rank that pruning has not dropped (identical on every rank)."""
+        dropped = set()
+        for part in _gather([int(shard_idx[i]) for _, i, _ in trainer.pruned], world):
+            dropped.update(part)
+        if not dropped:
+            return train_full
+        keep = torch.tensor([i for i in range(len(train_full)) if i not in dropped])
+        return train_full.subset(keep)
+
     t_start = time.perf_counter()
     while trainer.epoch < hp.epochs:
         try:
-            stats = trainer.train_epoch(shard)
+            stats = trainer.train_epoch(trainer.training_data(shard))
         except NonFiniteLoss as e:
             ray.train.report({"epoch": trainer.epoch + 1, "failed": str(e), "train_loss": float("nan")})
             return
-        trainer.after_training(train_full)
+        if trainer.pruning_due():
+            trainer.prune(shard)
+        trainer.after_training(kept_full())
         last = trainer.epoch >= hp.epochs
         sel_scores = distributed_scores(trainer, sel_set, rank, world)
         metrics: dict[str, Any] = {"epoch": trainer.epoch, "train_loss": stats.loss, "nodes": ",".join(nodes),
                                    "samples_per_s": stats.samples * world / max(stats.seconds, 1e-9)}
         metrics.update(selection_metrics(score_table(sel_rows, sel_scores), job.rule))
+        if heldout is not None and rank == 0:
+            metrics["heldout_loss"] = trainer.eval_loss(heldout)
+        if trainer.pruned:
+            metrics["pruned_clips"] = len(trainer.pruned) * world
         if last:
+            pruned_all = [row for part in _gather([(e, int(shard_idx[i]), v) for e, i, v in trainer.pruned], world)
+                          for row in part]
             test_scores = distributed_scores(trainer, test.to(device), rank, world)
             train_scores = distributed_scores(trainer, train_full, rank, world)
             metrics["train_seconds"] = time.perf_counter() - t_start
@@ -182,6 +213,11 @@ def train_worker(cfg: dict) -> None:
                 if last:
                     score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)
                     score_table(study.train_table, train_scores).to_csv(Path(d) / "scores_train.csv", index=False)
+                    if study.has_heldout:
+                        score_table(study.heldout_table, distributed_scores(trainer, heldout, 0, 1)).to_csv(
+                            Path(d) / "scores_heldout.csv", index=False)
+                    if pruned_all:
+                        pruned_table(study.train_table, pruned_all).to_csv(Path(d) / "pruned.csv", index=False)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -257,8 +257,14 @@ class TrainHP:
     amp: typing.Literal["auto", "off", "bf16"] = "auto"
     grad_clip: float = 0.0
     seed: int = 0
+    prune_every: int = 0  # every n epochs drop the worst-scoring training clips (0 = never)
+    prune_fraction: float = 0.0  # fraction p of the remaining training clips dropped each time
 
     def validate(self) -> None:
+        if self.prune_every < 0:
+            raise ValueError(f"prune_every must be >= 0, got {self.prune_every}")
+        if not 0.0 <= self.prune_fraction < 1.0:
+            raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:

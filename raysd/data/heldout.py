@@ -1,0 +1,89 @@
+"""Held-out clips and the examined recording for unlabelled data (long field recordings).
+
+With no labels, a search is steered by the loss on held-out clips. Held-out clips are whole recordings
+(``mode='recordings'``) or blocks of consecutive clips inside each recording (``mode='time'``); in the
+latter case the ``gap`` clips on both sides of every held-out block are used for neither, so no training
+clip is adjacent to a held-out one.
+
+``examine`` names the recording whose strangest moments the user wants: its clips become the ``test``
+split. ``training='others'`` trains on every other recording (the field study's "15-file" setting);
+``training='self'`` trains on the examined recording alone (its "single-file" setting), which then
+appears both as training and as test clips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class HeldoutConfig:
+    mode: Literal["recordings", "time"] = "time"
+    fraction: float = 0.2
+    block_clips: int = 30  # clips per time block (mode 'time')
+    gap_clips: int = 2  # clips left out on both sides of a held-out block
+    seed: int = 0
+    examine: str | None = None  # recording (catalog 'recording' value, or its file name) to score
+    training: Literal["others", "self"] = "others"
+
+    def validate(self) -> None:
+        if self.mode not in ("recordings", "time"):
+            raise ValueError(f"heldout.mode must be 'recordings' or 'time', got {self.mode!r}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"heldout.fraction must be in [0, 1), got {self.fraction}")
+        if self.block_clips < 1 or self.gap_clips < 0:
+            raise ValueError("heldout.block_clips must be >= 1 and heldout.gap_clips >= 0")
+        if self.training not in ("others", "self"):
+            raise ValueError(f"heldout.training must be 'others' or 'self', got {self.training!r}")
+
+
+def _match_recording(table: pd.DataFrame, name: str) -> str:
+    recs = sorted(table["recording"].unique())
+    hits = [r for r in recs if r == name or r.rsplit("/", 1)[-1] == name or r.rsplit("/", 1)[-1].rsplit(".", 1)[0] == name]
+    if len(hits) != 1:
+        raise ValueError(f"heldout.examine {name!r} matches {len(hits)} recordings; recordings: {', '.join(recs[:20])}")
+    return hits[0]
+
+
+def assign(table: pd.DataFrame, cfg: HeldoutConfig) -> pd.DataFrame:
+    """A copy of a catalog table with ``split`` set to 'train', 'heldout', 'test' or 'unused'."""
+    cfg.validate()
+    t = table.copy()
+    t["split"] = "train"
+    examined = _match_recording(t, cfg.examine) if cfg.examine else None
+    test_rows = t[t["recording"] == examined].assign(split="test") if examined else t.iloc[0:0]
+    if examined and cfg.training == "self":
+        t = t[t["recording"] == examined].copy()
+    elif examined:
+        t = t[t["recording"] != examined].copy()
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.fraction > 0:
+        if cfg.mode == "recordings":
+            recs = np.array(sorted(t["recording"].unique()))
+            n = int(round(cfg.fraction * len(recs)))
+            if n == 0 or n == len(recs):
+                raise ValueError(f"held-out recordings: {len(recs)} training recording(s) cannot give a held-out "
+                                 f"fraction of {cfg.fraction}; use heldout.mode 'time'")
+            held = set(rng.choice(recs, size=n, replace=False))
+            t.loc[t["recording"].isin(held), "split"] = "heldout"
+        else:
+            for _, g in t.groupby("recording", sort=True):
+                order = g.sort_values("offset").index.to_numpy()
+                blocks = [order[i:i + cfg.block_clips] for i in range(0, len(order), cfg.block_clips)]
+                n = int(round(cfg.fraction * len(blocks)))
+                if n == 0:
+                    continue
+                chosen = set(rng.choice(len(blocks), size=min(n, len(blocks) - 1), replace=False).tolist())
+                pos = {idx: k for k, idx in enumerate(order)}
+                for b in sorted(chosen):
+                    t.loc[blocks[b], "split"] = "heldout"
+                    first, last = pos[blocks[b][0]], pos[blocks[b][-1]]
+                    for k in list(range(max(0, first - cfg.gap_clips), first)) + \
+                            list(range(last + 1, min(len(order), last + 1 + cfg.gap_clips))):
+                        if t.at[order[k], "split"] == "train":
+                            t.at[order[k], "split"] = "unused"
+    return pd.concat([t, test_rows]).reset_index(drop=True)
