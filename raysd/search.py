@@ -376,9 +376,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_leaderboard(plan: Plan, out: str) -> None:
+    """Build the reports; a failure here is reported but never loses the finished search."""
     from raysd import leaderboard
 
-    leaderboard.main([plan.experiment, "--out", out])
+    try:
+        rc = leaderboard.main([plan.experiment, "--out", out])
+    except Exception as e:  # the trials and their score tables are safe in the experiment folder
+        print(f"[raysd] leaderboard failed ({type(e).__name__}: {e}); rerun it with: "
+              f"python -m raysd.leaderboard {plan.experiment} --out {out}", file=sys.stderr)
+        return
+    if rc == 0:
+        print(f"[raysd] reports written to {out}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class _Name:
     only_2021: bool  # a name only the 2021 layout uses
 
 
-def _parse_name(path: Path) -> _Name | None:
+def parse_name(path: Path) -> _Name | None:
     if path.suffix.lower() != ".wav":
         return None
     stem = path.stem
@@ -229,7 +229,7 @@ class Catalog:
         if not files:
             raise _error(f"data root {root} holds no audio files (.wav or .flac).")
 
-        names = {p: _parse_name(p) for p in files}
+        names = {p: parse_name(p) for p in files}
         detected = cls._detect_layout(root, names, layout)
         if detected == "recordings":
             rows, skipped, stats = cls._scan_recordings(root, files, clip_seconds)
