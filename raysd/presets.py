@@ -123,9 +123,12 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None
             for v in args:
                 _check_value(path, key, v, allowed, family_cls)
             return
-        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
+        try:
+            lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
+        except (TypeError, ValueError):
+            lo = hi = None
+        if lo is None or isinstance(args[0], bool) or isinstance(args[1], bool):
             raise _err(path, full, f"{dist} needs [low, high], got {args!r}")
-        lo, hi = args
         if not lo < hi:
             raise _err(path, full, f"{dist} needs low < high, got [{lo}, {hi}]")
         if dist == "loguniform" and lo <= 0:
@@ -220,7 +223,12 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
             raise _err(path, f"families.{fam}.{extra[0]}", "unknown key; allowed: space, num_samples, epochs")
         space = body.get("space") or {}
         for key, entry in space.items():
-            _check_entry(path, fam, key, entry, family_cls)
+            try:
+                _check_entry(path, fam, key, entry, family_cls)
+            except PresetError:
+                raise
+            except ValueError as e:
+                raise _err(path, f"families.{fam}.space.{key}", str(e)) from None
         num_samples = body.get("num_samples", 4)
         epochs = body.get("epochs", TrainHP.epochs)
         for k, v in (("num_samples", num_samples), ("epochs", epochs)):
@@ -261,9 +269,9 @@ def tune_space(search: FamilySearch) -> dict[str, Any]:
             if dist == "choice":
                 out[key] = tune.choice(list(args))
             elif dist == "loguniform":
-                out[key] = tune.loguniform(*args)
+                out[key] = tune.loguniform(*(float(a) for a in args))
             elif dist == "uniform":
-                out[key] = tune.uniform(*args)
+                out[key] = tune.uniform(*(float(a) for a in args))
             else:
                 out[key] = tune.randint(int(args[0]), int(args[1]))
         else:

@@ -228,11 +228,13 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     search = preset.families[job.family]
     space = tune_space(search)
     space["epochs"] = epochs
-    url = optuna_storage_url(job.experiment, job.study, optuna_url)
-    searcher = OptunaSearch(
-        metric=preset.metric, mode=preset.mode, study_name=job.study,
-        storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
-    )
+    searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration
+    if any(isinstance(v, dict) for v in search.space.values()):
+        url = optuna_storage_url(job.experiment, job.study, optuna_url)
+        searcher = OptunaSearch(
+            metric=preset.metric, mode=preset.mode, study_name=job.study,
+            storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
+        )
     scheduler = None
     if preset.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,

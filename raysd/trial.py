@@ -29,6 +29,7 @@ from raysd.presets import split_hp
 from raysd.train import NonFiniteLoss, Trainer, shard_indices
 
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
+CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
 STATE_FILE = "state.pt"
 
 
@@ -107,11 +108,16 @@ def distributed_scores(trainer: Trainer, data: ClipSet, rank: int, world: int) -
 
 
 def score_table(rows: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    """Per-clip scores; clips of long recordings also keep where they are (offset, num_samples, sample_rate)."""
     t = rows[["file", "machine_type", "section", "domain", "split", "label"]].reset_index(drop=True).copy()
     t["half"] = test_half(t["file"]) if len(t) else []
     t.loc[t["split"] == "train", "half"] = "train"
     t["score"] = scores
-    return t[SCORE_COLUMNS]
+    long = "layout" in rows.columns and bool((rows["layout"] == "recordings").any())
+    where = [c for c in CLIP_COLUMNS if c in rows.columns] if long else []
+    for c in where:
+        t[c] = rows[c].to_numpy()
+    return t[SCORE_COLUMNS + where]
 
 
 def pruned_table(train_rows: pd.DataFrame, pruned: list[tuple[int, int, float]]) -> pd.DataFrame:
@@ -121,6 +127,22 @@ def pruned_table(train_rows: pd.DataFrame, pruned: list[tuple[int, int, float]])
     out.insert(0, "file", rows.loc[out["clip"], "file"].to_numpy())
     out.insert(1, "offset", rows.loc[out["clip"], "offset"].to_numpy())
     return out.drop(columns="clip").sort_values(["epoch", "score"], ascending=[True, False])
+
+
+def report_failure(reason: str, epoch: int, rank: int) -> None:
+    """End a trial as failed: the reason travels in a checkpoint, the one channel Train V2 hands back to the
+    trial driver; the metric keys are NaN (no value) so that Tune accepts the report."""
+    import ray.train
+
+    nan = float("nan")
+    metrics = {"epoch": epoch, "failed": reason, "train_loss": nan,
+               **{k: nan for k in ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")}}
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            (Path(d) / "failed.json").write_text(json.dumps({"reason": reason, "epoch": epoch}))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def train_worker(cfg: dict) -> None:
@@ -180,10 +202,14 @@ def train_worker(cfg: dict) -> None:
 
     t_start = time.perf_counter()
     while trainer.epoch < hp.epochs:
+        failure = None
         try:
             stats = trainer.train_epoch(trainer.training_data(shard))
         except NonFiniteLoss as e:
-            ray.train.report({"epoch": trainer.epoch + 1, "failed": str(e), "train_loss": float("nan")})
+            failure = str(e)
+        failures = [f for f in _gather(failure, world) if f]  # every rank stops together
+        if failures:
+            report_failure(failures[0], trainer.epoch + 1, rank)
             return
         if trainer.pruning_due():
             trainer.prune(shard)
@@ -208,7 +234,7 @@ def train_worker(cfg: dict) -> None:
             if rank == 0:
                 torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
                 (Path(d) / "trial.json").write_text(json.dumps(
-                    {"family": job.family, "machine_type": job.machine_type, "params": cfg["params"],
+                    {"family": job.family, "machine_type": job.machine_type, "layout": job.layout, "params": cfg["params"],
                      "spec": spec.to_dict(), "info": study.info.__dict__, "epoch": trainer.epoch}, default=str))
                 if last:
                     score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)

@@ -216,6 +216,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ValueError(f"{where}: key {key!r} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 and 1.0e12 as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: key {key!r} must be a number, got {value!r}")
         return float(value)
