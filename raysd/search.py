@@ -67,13 +67,11 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
     seed = int(preset.dataset.get("synthetic_seed", 0))
     layout = preset.dataset.get("synthetic_layout", "dcase2020")
     out = cache_dir / "synthetic" / f"{synthetic}-{layout}-seed{seed}"
-    if not (out / "synth_meta.csv").exists():
-        if not quiet:
-            print(f"[raysd] no data root given: generating synthetic machine sounds (preset '{synthetic}') into {out}")
-        synth.generate(out, preset=synthetic, seed=seed, layout=layout)
-    elif not quiet:
-        print(f"[raysd] no data root given: using synthetic machine sounds in {out}")
-    return out
+    if not quiet:
+        done = (out / "synth_config.json").exists()
+        print(f"[raysd] no data root given: {'using' if done else 'generating'} synthetic machine sounds "
+              f"(preset '{synthetic}') in {out}")
+    return synth.generate(out, preset=synthetic, seed=seed, layout=layout)  # returns at once when complete
 
 
 def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
