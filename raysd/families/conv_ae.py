@@ -1,0 +1,119 @@
+"""``conv_ae``: the convolutional autoencoder of the field-recording study (Rajani, 2022).
+
+Input 1 x 64 mels x 44 frames (1 s at 22,050 Hz, hop 512). Four stages of 3x3 convolution (padding 2)
++ ReLU + 2x2 max-pool with 16, 32, 64, 128 channels; flatten (2,560 for 64 x 44); FC to a 10-d
+bottleneck; FC back; four stages of max-unpool (with the pooling indices and the exact pre-pool sizes)
++ 3x3 transposed convolution (padding 2) back to the input size. The flattened size follows the input,
+so the model adapts to any crop variant (64 mels for 'none' / 'crop' / 'tight', 128 for DCASE) and any
+window length.
+
+Scores: ``recon`` (mean squared reconstruction error) or ``mahalanobis`` (squared Mahalanobis distance
+of the bottleneck embedding to the training embeddings, whose mean and precision are fitted in
+``after_training`` and kept in buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from raysd.data.views import View
+from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.blocks import GaussianStats, Standardize
+
+CHANNELS = (16, 32, 64, 128)
+
+
+@dataclass
+class ConvAEConfig:
+    frames: int = 44
+    hop: int = 22
+    bottleneck: int = 10
+    score: Literal["recon", "mahalanobis"] = "recon"
+
+    def validate(self) -> None:
+        if self.frames < 1 or self.hop < 1 or self.bottleneck < 1:
+            raise ValueError(f"frames, hop and bottleneck must be >= 1, got {self.frames}, {self.hop}, {self.bottleneck}")
+
+
+class ConvAE(nn.Module):
+    def __init__(self, n_mels: int, frames: int, bottleneck: int):
+        super().__init__()
+        self.norm = Standardize()
+        chans = (1, *CHANNELS)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=2) for a, b in zip(chans[:-1], chans[1:]))
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(b, a, 3, padding=2) for a, b in reversed(list(zip(chans[:-1], chans[1:]))))
+        h, w = n_mels, frames
+        for _ in CHANNELS:
+            h, w = (h + 2) // 2, (w + 2) // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"conv_ae input {n_mels} x {frames} is too small for four conv + pool stages")
+        self.code_shape = (CHANNELS[-1], h, w)
+        flat = CHANNELS[-1] * h * w
+        self.fc_in = nn.Linear(flat, bottleneck)
+        self.fc_out = nn.Linear(bottleneck, flat)
+        self.stats = GaussianStats(bottleneck)
+
+    def encode(self, t: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Size]]]:
+        trace = []
+        for conv in self.convs:
+            t = torch.relu(conv(t))
+            size = t.shape
+            t, idx = self.pool(t)
+            trace.append((idx, size))
+        return self.fc_in(t.flatten(1)), trace
+
+    def decode(self, z: torch.Tensor, trace: list[tuple[torch.Tensor, torch.Size]]) -> torch.Tensor:
+        t = self.fc_out(z).reshape(z.shape[0], *self.code_shape)
+        for i, (deconv, (idx, size)) in enumerate(zip(self.deconvs, reversed(trace))):
+            t = self.unpool(t, idx, output_size=size[-2:])
+            t = deconv(t)
+            if i < len(self.deconvs) - 1:
+                t = torch.relu(t)
+        return t
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (reconstruction, standardised input, bottleneck embedding)."""
+        t = self.norm(x)
+        z, trace = self.encode(t)
+        return self.decode(z, trace), t, z
+
+
+@register
+class ConvAEFamily(Family):
+    name = "conv_ae"
+    Config = ConvAEConfig
+    description = "Rajani (2022) conv autoencoder with max-unpooling; score = reconstruction or Mahalanobis"
+
+    def view(self) -> View:
+        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+
+    def build(self, info: DataInfo) -> nn.Module:
+        return ConvAE(info.n_mels, self.view().window_length(info.n_frames), self.hp.bottleneck)
+
+    def before_training(self, model: nn.Module, data: ClipSet) -> None:
+        model.norm.fit(data.clips)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        recon, target, _ = model(batch.x)
+        return nn.functional.mse_loss(recon.float(), target.float())
+
+    @torch.no_grad()
+    def after_training(self, model: nn.Module, data: ClipSet) -> None:
+        zs = [self.embed(model, b.x).float() for b in data.batches(1024, shuffle=False)]
+        model.stats.fit(torch.cat(zs))
+
+    def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        recon, target, z = model(x)
+        if self.hp.score == "mahalanobis":
+            return model.stats.distance(z)
+        return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model.encode(model.norm(x))[0]

@@ -1,0 +1,188 @@
+"""Self-supervised machine-ID classifier (Giri et al., ICASSP 2021; the DCASE 2020 winning system).
+
+A torchvision CNN (MobileNetV2 with width multiplier 0.5, ResNet-18 or ResNet-50, from scratch, first
+convolution taking one channel) learns to tell apart the machine IDs (sections) of one machine type from
+64-frame log-mel patches taken every 8 frames. Auxiliary tasks, all hyperparameters:
+
+- mixup of two patches of different IDs with a random proportion, in the power domain (``pre_log``) or
+  on the log-mel (``post_log``), trained with KL divergence against the mixing proportions;
+- spectral warping ``f -> f_max * (f / f_max) ** alpha`` (alpha 0.95 and 1.05), each warp a class of its
+  own, so every ID gets two synthetic classes (see :func:`raysd.families.augment.warp_table`);
+- an ArcFace head instead of the plain softmax layer.
+
+After training, the BatchNorm statistics are recomputed over training patches with the final weights
+(:func:`raysd.families.augment.recalibrate_batchnorm`): after short trainings the running averages trail
+the weights far enough for eval-mode outputs to collapse to one class.
+
+Anomaly score of a clip: the negative log softmax probability of its true ID, averaged over its patches.
+A test clip whose section was not seen in training (label -1) is scored with the most probable ID
+instead: ``-max_c log p(c | patch)``, i.e. how unlike every known ID it is.
+
+The warp is applied on the mel axis with centre frequencies of ``info.n_mels`` slaney mel bands over
+``[0, info.f_max]``, the layout of the default feature spec; with a crop variant the kept bands cover a
+sub-range, so the warp is still a monotone map of the axis fixing its top, only not the exact Hz law.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysd.data.views import View
+from raysd.families.augment import (
+    make_head, mel_centres, mixup, recalibrate_batchnorm, soft_cross_entropy, warp, warp_table,
+)
+from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+
+
+def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.2) -> tuple[nn.Module, int]:
+    """A torchvision classifier from scratch, with a 1-channel first convolution and its classifier
+    replaced by dropout, so it returns pooled features; also returns the feature width."""
+    import torchvision
+
+    if name == "mobilenet_v2":
+        net = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult)
+        first = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding, bias=False)
+        width = net.classifier[-1].in_features
+        net.classifier = nn.Dropout(dropout)
+    elif name in ("resnet18", "resnet50"):
+        net = getattr(torchvision.models, name)(weights=None)
+        first = net.conv1
+        net.conv1 = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding, bias=False)
+        width = net.fc.in_features
+        net.fc = nn.Dropout(dropout)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose mobilenet_v2, resnet18 or resnet50")
+    conv = net.features[0][0] if name == "mobilenet_v2" else net.conv1
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return net, width
+
+
+class IdClassifierNet(nn.Module):
+    """Input standardisation (BatchNorm over the single channel), backbone, classifier head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, n_ids: int, input_norm: bool = True):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1) if input_norm else nn.Identity()
+        self.backbone = backbone
+        self.head = head
+        self.n_ids = n_ids
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.norm(x))
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over IDs (and warp classes); ``target`` (B, C) puts the ArcFace margin in training."""
+        return self.head(self.features(x), target)
+
+
+@register
+class IdClassifier(Family):
+    name = "id_classifier"
+    description = "machine-ID classifier on log-mel patches (Giri et al.): torchvision CNN, mixup, warping, ArcFace"
+
+    @dataclass
+    class Config:
+        backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
+        width_mult: float = 0.5  # MobileNetV2 only
+        dropout: float = 0.2
+        input_norm: bool = True
+        head: Literal["softmax", "arcface"] = "softmax"
+        arc_margin: float = 0.5
+        arc_scale: float = 30.0
+        mixup: Literal["none", "pre_log", "post_log"] = "none"
+        mixup_fraction: float = 0.5  # share of each batch replaced by mixtures
+        mixup_lambda: Literal["uniform", "beta"] = "uniform"
+        mixup_beta: float = 1.0  # Beta(mixup_beta, mixup_beta) when mixup_lambda = 'beta'
+        warp: bool = False
+        warp_alphas: tuple[float, ...] = (0.95, 1.05)
+        patch_frames: int = 64
+        patch_hop: int = 8
+        precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
+
+        def validate(self) -> None:
+            if self.width_mult <= 0:
+                raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            if self.arc_scale <= 0 or self.arc_margin < 0:
+                raise ValueError(f"arc_scale must be > 0 and arc_margin >= 0, got {self.arc_scale}, {self.arc_margin}")
+            if not 0 <= self.mixup_fraction <= 1:
+                raise ValueError(f"mixup_fraction must be in [0, 1], got {self.mixup_fraction}")
+            if self.mixup_beta <= 0:
+                raise ValueError(f"mixup_beta must be > 0, got {self.mixup_beta}")
+            if self.warp and (not self.warp_alphas or any(a <= 0 or a == 1.0 for a in self.warp_alphas)):
+                raise ValueError(f"warp_alphas must be positive and differ from 1, got {list(self.warp_alphas)}")
+            if self.patch_frames < 1 or self.patch_hop < 1:
+                raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
+            if self.precise_bn < 0:
+                raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+
+    def __init__(self, hp=None):
+        super().__init__(hp)
+        self._n_ids: int | None = None
+        self._warps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def view(self) -> View:
+        return View(frames=self.hp.patch_frames, hop=self.hp.patch_hop, layout="image")
+
+    def n_warps(self) -> int:
+        return 1 + len(self.hp.warp_alphas) if self.hp.warp else 1
+
+    def build(self, info: DataInfo) -> nn.Module:
+        hp = self.hp
+        n_out = info.n_classes * self.n_warps()
+        if n_out < 2:
+            raise ValueError(
+                f"id_classifier needs at least 2 classes, but the training data has {info.n_classes} machine "
+                "ID/section; enable warp=true (2 synthetic classes per ID) or use another family")
+        backbone, width = torchvision_backbone(hp.backbone, hp.width_mult, hp.dropout)
+        head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale)
+        self._n_ids = info.n_classes
+        if hp.warp:
+            centres = mel_centres(info.n_mels, 0.0, info.f_max)
+            self._warps = warp_table((1.0, *hp.warp_alphas), centres, info.f_max)
+        return IdClassifierNet(backbone, head, info.n_classes, hp.input_norm)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and target distributions: random warp class per patch, then mixup."""
+        if self._n_ids is None:
+            raise RuntimeError("id_classifier: build() must run before loss()")
+        n, k = self._n_ids, self.n_warps()
+        cls = y
+        if self._warps is not None:
+            state = torch.randint(0, k, (x.shape[0],), device=x.device)
+            x = warp(x, self._warps, state)
+            cls = y + state * n
+        if self.hp.mixup != "none":
+            m = mixup(x, cls, n * k, self.hp.mixup, self.hp.mixup_fraction, self.hp.mixup_lambda,
+                      self.hp.mixup_beta, groups=y)
+            return m.x, m.target
+        return x, F.one_hot(cls, n * k).float()
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, target = self.augment(batch.x, batch.y)
+        return soft_cross_entropy(model(x, target), target)
+
+    def after_training(self, model: nn.Module, data: ClipSet) -> None:
+        recalibrate_batchnorm(model, data, self.hp.precise_bn)
+
+    def class_log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """log p(class | patch) over every output class (IDs first, then each warp's copies)."""
+        return F.log_softmax(model(x).float(), dim=1)
+
+    def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = model.n_ids
+        if y.numel() and int(y.max()) >= n:
+            raise ValueError(f"class index {int(y.max())} out of range for a model of {n} machine IDs")
+        logp = self.class_log_probs(model, x)[:, :n]
+        true = logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return -torch.where(y >= 0, true, logp.max(dim=1).values)
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model.features(x)
