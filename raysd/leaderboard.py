@@ -17,6 +17,16 @@ each finished trial's last checkpoint, and writes to ``--out``:
 The chosen ensemble of a machine type is the candidate with the best selection-half metric (the best single
 model counts as a candidate of one member; ties go to fewer members). Report-half figures were not used for
 any choice. Every file is written atomically.
+
+Unlabelled data (a search metric such as ``heldout_loss`` that needs no test labels, e.g. the ``birdaudio``
+field recordings) has no AUC, ensembles or submission files: trials are ranked by the metric (the header of
+``summary.md`` says so), and the best trial of each machine type reports the strangest moments of its
+recordings (``raysd.anomalies``): ``anomalies.csv`` with the ``--top`` clips (recording, start, end, score,
+percentile) from the examined recording's clips if the preset names one, else from every clip the trial scored,
+their spectrograms beside a typical clip, a score histogram and, for families with a bottleneck, an embedding
+view (``--projection``). With several machine types each gets ``anomalies/<machine type>/``. ``ensemble.json``
+then holds that best trial alone, so ``python -m raysd.score ensemble.json RECORDING.wav`` reports on new
+recordings the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ from raysd.metrics import MetricError, normalize_rule, write_submission
 
 HALVES = {"selection": "sel", "report": "report", "test": "test"}
 SCORE_FILES = ("scores_test.csv", "scores_train.csv")
+HELDOUT_FILE = "scores_heldout.csv"
+EMBED_MAX_CLIPS = 20000  # clips embedded again for the embedding view of unlabelled data (top clips always)
 STATE_FILE = "state.pt"
 TRIAL_FILE = "trial.json"
 DEFAULT_QUANTILE = 0.9
@@ -77,6 +89,7 @@ class Trial:
     gpus: float | None = None
     test: pd.DataFrame | None = None  # scores_test.csv of the last checkpoint
     train: pd.DataFrame | None = None
+    heldout: pd.DataFrame | None = None  # scores_heldout.csv (unlabelled data; read when reporting anomalies)
 
     @property
     def name(self) -> str:
@@ -594,11 +607,128 @@ def ensemble_document(exp: Experiment, chosen: dict[str, Candidate], stats: dict
             "threshold": {s: v for (_, s), v in thr.items()},
             "figures": {k: v for k, v in c.figures.items() if k in aggregate_columns(exp.rule)},
         }
+    return document(exp, types, quantile)
+
+
+def document(exp: Experiment, types: dict, quantile: float) -> dict:
+    """The ``ensemble.json`` document around the per-machine-type entries."""
     return {"version": ENSEMBLE_VERSION, "experiment": exp.root, "preset": exp.preset, "rule": exp.rule,
             "metric": exp.metric, "layout": exp.meta.get("layout", ""), "quantile": quantile,
             "standardisation": "z = (score - mean) / std of the member's scores on the section's training clips "
                                "(population std)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_types": types}
+
+
+# ---------------------------------------------------------------------- unlabelled data: anomaly reports
+def report_clips(t: Trial) -> tuple[pd.DataFrame, str]:
+    """The clips whose strangest moments are reported for a trial, and what they are: the examined recording's
+    test clips if there are any, else every clip the trial scored (training, held-out, test)."""
+    test = t.test.loc[t.test["split"] == "test"] if t.test is not None else None
+    if test is not None and len(test):
+        n = test["file"].nunique()
+        return test, f"the examined recording{'s' if n > 1 else ''} ({', '.join(sorted(test['file'].unique())[:3])})"
+    if t.heldout is None and t.checkpoint and storage.exists(storage.join(t.checkpoint, HELDOUT_FILE)):
+        t.heldout = read_scores(storage.join(t.checkpoint, HELDOUT_FILE))
+    parts = [p for p in (t.train, t.heldout, t.test) if p is not None and len(p)]
+    clips = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    key = [c for c in ("file", "offset") if c in clips.columns]
+    clips = clips.drop_duplicates(key) if key else clips
+    return clips, "every clip the trial scored (training and held-out; no recording was examined: set " \
+                  "heldout.examine in the preset to report on one recording)"
+
+
+@dataclass
+class Unlabelled:
+    reports: dict[str, Any]  # machine type -> raysd.anomalies.AnomalyReport
+    what: dict[str, str]  # machine type -> which clips, which trial
+    doc: dict | None
+    files: list[Path]
+
+
+def unlabelled_reports(exp: Experiment, board: pd.DataFrame, values: dict[str, float], out: Path, top: int,
+                       quantile: float, projection: str, plots: bool, notes: list[str],
+                       device: str | None = None) -> Unlabelled:
+    """For each machine type, the best trial by the search metric: its anomaly report and a one-member entry of
+    ``ensemble.json``."""
+    from raysd.anomalies import ReportError, embed_table, write_report
+    from raysd.score import ScoreError, load_member
+
+    by_key = {t.key: t for t in exp.trials}
+    best = board[board["rank"] == 1]
+    types_with = sorted(best["machine_type"].unique())
+    reports, what, entries, files = {}, {}, {}, []
+    data_root = exp.meta.get("data_root")
+    for mt in types_with:
+        row = best[best["machine_type"] == mt].iloc[0]
+        t = by_key[f"{row['study']}/{row['trial_id']}"]
+        try:
+            stats = fit_stats(t.train, t.name)
+            z_train = standardise(t.train.loc[t.train["split"] == "train"], stats, t.name)
+        except EnsembleError as e:
+            notes.append(f"{mt}: best trial {t.name} has unusable training scores ({e}); no report")
+            continue
+        entry = member_entry(t, 1, stats.loc[stats["machine_type"] == mt])
+        thr = {s: v for (_, s), v in thresholds(z_train, quantile).items()}
+        entries[mt] = {"ensemble": "best single", "kind": "single", "combine": "mean", "members": [entry],
+                       "sections": sorted(thr), "threshold": thr, "figures": {exp.metric: values[t.key]}}
+        clips, which = report_clips(t)
+        missing = [c for c in ("offset", "num_samples", "sample_rate") if c not in clips.columns]
+        if clips.empty or missing:
+            notes.append(f"{mt}: no anomaly report: the score tables of {t.name} "
+                         + ("are empty" if clips.empty else f"lack the clip columns {missing} (written by an older "
+                                                            "raysd; score the recording with python -m raysd.score)"))
+            continue
+        clips = clips.assign(recording=clips["file"].astype(str), num_samples=clips["num_samples"].astype("int64"),
+                             sample_rate=clips["sample_rate"].astype("int64")).reset_index(drop=True)
+        has_audio = bool(data_root) and not storage.is_remote(str(data_root)) and \
+            Path(data_root, str(clips["file"].iloc[0])).is_file()
+        embeddings, label = None, ""
+        if has_audio:
+            clips["path"] = [str(Path(data_root, f)) for f in clips["file"].astype(str)]
+        elif plots:
+            notes.append(f"{mt}: the recordings are not under the experiment's data root {data_root}: no "
+                         "spectrograms or embedding view")
+        if has_audio and plots and projection != "none":
+            rows = np.arange(len(clips))
+            if len(clips) > EMBED_MAX_CLIPS:  # the top clips and a seeded sample of the others
+                best_rows = np.argsort(-clips["score"].astype(float).to_numpy(), kind="stable")[:top]
+                rest = np.setdiff1d(rows, best_rows)
+                rows = np.union1d(best_rows, np.random.default_rng(0).choice(rest, EMBED_MAX_CLIPS - len(best_rows),
+                                                                               replace=False))
+                notes.append(f"{mt}: the embedding view shows the top {len(best_rows)} and a random sample of "
+                             f"{len(rows) - len(best_rows)} of the other {len(clips) - len(best_rows)} clips")
+            try:
+                member = load_member(entry, _device(device), str(out / "ensemble.json"))
+                sub, failed = embed_table(member.trainer, member.spec, clips.iloc[rows].reset_index(drop=True),
+                                          _device(device))
+            except (ScoreError, KeyError, TypeError, ValueError) as e:
+                notes.append(f"{mt}: no embedding view ({type(e).__name__}: {e})")
+            else:
+                label = f"{t.name} bottleneck"
+                if sub is None:
+                    notes.append(f"{mt}: {t.family} has no bottleneck embedding: no embedding view")
+                else:
+                    embeddings = np.full((len(clips), sub.shape[1]), np.nan, np.float32)
+                    embeddings[rows] = sub
+                    if failed:
+                        notes.append(f"{mt}: {len(failed)} clip(s) could not be decoded for the embedding view")
+        dest = out if len(types_with) == 1 else out / "anomalies" / mt.replace("/", "-")
+        try:
+            rep = write_report(clips, dest, top=top, embeddings=embeddings, projection=projection,
+                               title=f"{mt}: {t.name}", plots=plots, embedding_label=label)
+        except ReportError as e:
+            notes.append(f"{mt}: no anomaly report ({e})")
+            continue
+        reports[mt], what[mt] = rep, f"best trial {t.name} ({exp.metric} {values[t.key]:.4g}); clips: {which}"
+        notes += [f"{mt}: {n}" for n in rep.notes]
+        files += rep.files
+    return Unlabelled(reports, what, document(exp, entries, quantile) if entries else None, files)
+
+
+def _device(device: str | None):
+    from raysd.data.features import resolve_device
+
+    return resolve_device(device)
 
 
 # ---------------------------------------------------------------------- writing
@@ -719,16 +849,26 @@ def plot_histogram(mt: str, cand: Candidate, path: Path, threshold: dict[str, fl
 
 
 def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, ens: pd.DataFrame,
-                     plots: dict[str, list[str]], notes: list[str], top: int) -> str:
+                     plots: dict[str, list[str]], notes: list[str], top: int, unlabelled: Unlabelled | None = None,
+                     out: Path | None = None) -> str:
+    from raysd.anomalies import markdown as anomaly_markdown
+
     rule = exp.rule
     key = exp.metric.removeprefix("sel_")
     counts = board["status"].value_counts()
     lines = [f"# raysd leaderboard: {exp.preset}", "",
              f"Experiment `{exp.root}`, rule {rule}, search metric `{exp.metric}` ({exp.mode}), "
-             f"{len(board)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", "",
-             "`sel_*` figures are on the selection half of the test clips (used by the search and to pick models and "
-             "ensembles), `report_*` on the disjoint report half (used for nothing else), `test_*` on all labelled "
-             "test clips.", ""]
+             f"{len(board)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    if key in METRIC_KEYS:
+        lines += ["`sel_*` figures are on the selection half of the test clips (used by the search and to pick models "
+                  "and ensembles), `report_*` on the disjoint report half (used for nothing else), `test_*` on all "
+                  "labelled test clips.", ""]
+    else:
+        better = "lower" if exp.mode == "min" else "higher"
+        lines += [f"**Unlabelled data: trials are ranked by `{exp.metric}`** ({better} is better"
+                  + (", the family's own training objective on held-out clips that no training clip touches"
+                     if exp.metric == "heldout_loss" else "")
+                  + "), not by AUC: the data set has no labels.", ""]
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
     if not ens.empty:
@@ -745,14 +885,19 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
             if len(s) and len(c):
                 lines += [f"Over all machine types, the chosen models reach report-half {key} {c.iloc[0]:.4f} against "
                           f"{s.iloc[0]:.4f} for the best single model of each type ({c.iloc[0] - s.iloc[0]:+.4f}).", ""]
+    if unlabelled is not None:
+        for mt, rep in unlabelled.reports.items():
+            lines += [f"## Strangest moments: {mt}", "", f"{unlabelled.what[mt]}.", "",
+                      anomaly_markdown(rep, out if out is not None else rep.out), ""]
     lines += ["## Best model of each family", ""]
-    show = [c for c in ["machine_type", "family", "trial_id", "epochs", f"sel_{key}", "report_auc", "report_pauc",
-                        f"report_{key}", "test_auc", "test_pauc", "train_seconds", "gpu_hours"] if c in best.columns]
+    show = [c for c in ["machine_type", "family", "trial_id", "epochs", exp.metric, f"sel_{key}", "report_auc",
+                        "report_pauc", f"report_{key}", "test_auc", "test_pauc", "train_seconds", "gpu_hours"]
+            if c in best.columns]
     lines += [markdown_table(best[list(dict.fromkeys(show))]), ""]
     lines += [f"## Leaderboard (top {top} finished trials per machine type)", ""]
     done = board[board["rank"].notna() & (board["rank"] <= top)]
-    show = [c for c in ["machine_type", "rank", "family", "trial_id", "epochs", f"sel_{key}", f"report_{key}",
-                        "test_auc", "test_pauc", "train_seconds"] if c in board.columns]
+    show = [c for c in ["machine_type", "rank", "family", "trial_id", "epochs", exp.metric, f"sel_{key}",
+                        f"report_{key}", "test_auc", "test_pauc", "train_seconds"] if c in board.columns]
     lines += [markdown_table(done[list(dict.fromkeys(show))]), ""]
     other = board[board["status"] != "finished"]
     fin_bad = board[(board["status"] == "finished") & board["rank"].isna()]
@@ -763,9 +908,14 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
     for mt, files in plots.items():
         if files:
             lines += [f"## {mt}", ""] + [f"![{Path(f).stem}]({f})" for f in files] + [""]
-    lines += ["Full tables: `leaderboard.csv`, `best_models.csv`, `ensembles.csv`; chosen models: `ensemble.json` "
-              "(score new recordings with `python -m raysd.score ensemble.json PATH...`), per-clip scores "
-              "`ensemble_scores.csv`, DCASE submission files in `submission/`.", ""]
+    if key in METRIC_KEYS:
+        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`, `ensembles.csv`; chosen models: `ensemble.json` "
+                  "(score new recordings with `python -m raysd.score ensemble.json PATH...`), per-clip scores "
+                  "`ensemble_scores.csv`, DCASE submission files in `submission/`.", ""]
+    else:
+        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`; the best trial of each machine type: "
+                  "`ensemble.json` (`python -m raysd.score ensemble.json RECORDING.wav --report DIR` writes the same "
+                  "report for a new recording).", ""]
     return "\n".join(lines)
 
 
@@ -777,11 +927,16 @@ class Report:
     ensembles: pd.DataFrame
     chosen: dict[str, Candidate]
     files: list[Path]
+    anomalies: dict[str, Any] = field(default_factory=dict)  # machine type -> AnomalyReport (unlabelled data)
 
 
 def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, quantile: float = DEFAULT_QUANTILE,
-          top_k: int = 10, steps: int = 15, plots: bool = True, top: int = 5) -> Report:
-    """Read an experiment and write every report into ``out`` (default ``results/<preset>``)."""
+          top_k: int = 10, steps: int = 15, plots: bool = True, top: int | None = None, projection: str = "pca",
+          device: str | None = None) -> Report:
+    """Read an experiment and write every report into ``out`` (default ``results/<preset>``).
+
+    ``top``: trials per machine type in summary.md (default 5); for unlabelled data, the clips listed in
+    anomalies.csv (default ``raysd.anomalies.DEFAULT_TOP``)."""
     if not 0.0 < quantile < 1.0:
         raise LeaderboardError(f"--quantile must be between 0 and 1, got {quantile}")
     exp = load_experiment(experiment)
@@ -805,10 +960,19 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, q
     stats: dict[str, dict[str, pd.DataFrame]] = {}
     by_name = {t.name: t for t in exp.trials}
     label_metric = exp.metric.removeprefix("sel_") in METRIC_KEYS
+    unlabelled = None
     if not values:
         notes.append("no finished trial has a usable score table and search metric: no ensembles")
     elif not label_metric:
-        notes.append(f"search metric {exp.metric} is not a test-label metric: no ensembles")
+        from raysd.anomalies import DEFAULT_TOP
+
+        notes.append(f"search metric {exp.metric} needs no test labels: no AUC figures, ensembles or submission "
+                     "files; the best trial of each machine type reports its strangest clips")
+        unlabelled = unlabelled_reports(exp, board, values, out, top or DEFAULT_TOP, quantile, projection, plots,
+                                        notes, device)
+        files += unlabelled.files
+        if unlabelled.doc is not None:
+            files.append(atomic_write_text(out / "ensemble.json", json.dumps(unlabelled.doc, indent=2, default=str)))
     else:
         for mt in sorted({t.machine_type for t in exp.trials}):
             trials = [t for t in exp.trials if t.machine_type == mt]
@@ -856,9 +1020,9 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, q
                         plot_histogram(mt, chosen[mt], out / f"hist_{mt}.png", doc["machine_types"][mt]["threshold"])]
                 plot_files[mt] = [p.name for p in made if p is not None]
                 files += [p for p in made if p is not None]
-    text = summary_markdown(exp, board, best, ens, plot_files, notes, top)
+    text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out)
     files.append(atomic_write_text(out / "summary.md", text))
-    return Report(out, board, best, ens, chosen, files)
+    return Report(out, board, best, ens, chosen, files, unlabelled.reports if unlabelled else {})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -870,16 +1034,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default {DEFAULT_QUANTILE})")
     p.add_argument("--top-k", type=int, default=10, help="library size for greedy ensemble selection (default 10)")
     p.add_argument("--steps", type=int, default=15, help="greedy selection steps (default 15)")
-    p.add_argument("--top", type=int, default=5, help="trials per machine type shown in summary.md (default 5)")
+    p.add_argument("--top", type=int, default=None,
+                   help="trials per machine type shown in summary.md (default 5); for unlabelled data, the strangest "
+                        "clips listed in anomalies.csv (default 20)")
+    p.add_argument("--projection", choices=("pca", "tsne", "none"), default="pca",
+                   help="unlabelled data: 2-D projection of the clips' embeddings (default pca)")
+    p.add_argument("--device", default=None, help="unlabelled data: device for the embedding view (default: CUDA "
+                                                  "when available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top is not None and args.top < 1:
+        p.error(f"--top must be >= 1, got {args.top}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = build(args.experiment, args.out, quantile=args.quantile, top_k=args.top_k, steps=args.steps,
-                       plots=not args.no_plots, top=args.top)
+                       plots=not args.no_plots, top=args.top, projection=args.projection, device=args.device)
     except (LeaderboardError, EnsembleError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -890,6 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = {k: c.figures.get(f"report_{k}") for k in ("auc", "pauc")}
         print(f"[raysd]   {mt}: chosen {c.name} ({_member_label(c.weights)}); report half AUC "
               f"{_fmt(rep['auc'])} pAUC {_fmt(rep['pauc'])}")
+    for mt, r in report.anomalies.items():
+        print(f"[raysd]   {mt}: strangest {len(r.top)} clips in {r.csv}")
     return 0
 
 

@@ -1,9 +1,12 @@
-"""``python -m raysd.score ENSEMBLE_JSON PATH... [--out scores.csv]``: score new recordings with a saved ensemble.
+"""``python -m raysd.score MODEL PATH... [--out scores.csv] [--report DIR --top N]``: score new recordings with a
+saved ensemble or a single trial.
 
-``ENSEMBLE_JSON`` is the ``ensemble.json`` that ``python -m raysd.leaderboard`` writes: per machine type, the
-chosen members (checkpoints, families, hyperparameters, feature specs), their per-section standardisation
-statistics, the combination rule and a decision threshold per section. ``PATH`` is any mix of audio files and
-folders (searched recursively for .wav / .flac).
+``MODEL`` is the ``ensemble.json`` that ``python -m raysd.leaderboard`` writes (per machine type, the chosen
+members (checkpoints, families, hyperparameters, feature specs), their per-section standardisation statistics,
+the combination rule and a decision threshold per section), or a trial's last checkpoint folder (``state.pt``,
+``trial.json``, ``scores_train.csv``), scored as a one-member ensemble standardised by its training scores with
+the ``--quantile`` threshold. ``PATH`` is any mix of audio files and folders (searched recursively for .wav /
+.flac).
 
 Each file's machine type comes from ``--machine-type``, or from the nearest folder above it named after a machine
 type the ensemble knows (for a ``recordings`` ensemble of one machine type, that one), or else from the DCASE
@@ -17,9 +20,13 @@ length of the training spec, torchaudio resampling and log-mel). Members are loa
 ``torch.load(..., weights_only=True)``; nothing else is unpickled.
 
 Output: CSV with columns file, machine_type, section, score, decision (1 = anomalous: score above the
-threshold); for the ``recordings`` layout also offset (sample), start_s and end_s of each clip. Exit status 0
-when every file was scored, 1 when some could not be (unknown machine type / section, or undecodable audio),
-2 on bad arguments or an unusable ensemble file.
+threshold); for the ``recordings`` layout also offset (sample), start_s and end_s of each clip. For long
+recordings (the ``recordings`` layout, or whenever ``--report`` is given) an anomaly report goes to ``--report``
+(default ``./anomalies``; see ``raysd.anomalies``): ``anomalies.csv`` with the ``--top`` clips, their spectrograms
+beside a typical clip, a histogram of all scores and, for members with a bottleneck, an embedding view
+(``--projection pca|tsne|none``). Recordings are read and scored a batch of clips at a time, so a six-hour file
+needs no more memory than a short one. Exit status 0 when every file was scored, 1 when some could not be
+(unknown machine type / section, or undecodable audio), 2 on bad arguments or an unusable model.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ from raysd.atomic import atomic_path
 from raysd.ensemble import combine_matrix
 
 AUDIO_SUFFIXES = (".wav", ".flac")
+TRIAL_FILE = "trial.json"
+STATE_FILE = "state.pt"
+TRAIN_SCORES = "scores_train.csv"
+DEFAULT_QUANTILE = 0.9
 SPLIT_FOLDERS = ("train", "test", "source_test", "target_test")
 OUTPUT_COLUMNS = ["file", "machine_type", "section", "score", "decision"]
 
@@ -73,7 +84,57 @@ class TypeModel:
         return sorted(self.threshold)
 
 
-def read_ensemble(path: str | os.PathLike) -> dict:
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return storage.exists(storage.join(str(path), TRIAL_FILE)) and storage.exists(storage.join(str(path), STATE_FILE))
+
+
+def checkpoint_document(ckpt: str, quantile: float = DEFAULT_QUANTILE) -> dict:
+    """An ensemble document of one trial's last checkpoint: the trial alone, its scores standardised per section
+    with its training-clip scores, the decision threshold at ``quantile`` of those standardised scores."""
+    from raysd.ensemble import EnsembleError, fit_stats
+
+    if not 0.0 < quantile < 1.0:
+        raise ScoreError(f"--quantile must be between 0 and 1, got {quantile}")
+    try:
+        trial = storage.read_json(storage.join(ckpt, TRIAL_FILE))
+        train = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(ckpt, TRAIN_SCORES))),
+                            dtype={"section": str, "machine_type": str, "file": str}, keep_default_na=False)
+    except FileNotFoundError as e:
+        raise ScoreError(f"{ckpt}: not the last checkpoint of a trial ({e.filename or e} is missing; only the last "
+                         f"checkpoint holds {TRAIN_SCORES}, needed to standardise and threshold its scores)") from None
+    except (OSError, ValueError) as e:
+        raise ScoreError(f"{ckpt}: cannot read the trial ({type(e).__name__}: {e})") from None
+    for key in ("family", "params", "spec", "info", "machine_type"):
+        if not trial.get(key):
+            raise ScoreError(f"{storage.join(ckpt, TRIAL_FILE)} lacks {key!r}")
+    mt = str(trial["machine_type"])
+    try:
+        stats = fit_stats(train.assign(machine_type=mt), storage.join(ckpt, TRAIN_SCORES))
+    except (EnsembleError, KeyError) as e:
+        raise ScoreError(f"{ckpt}: {e}") from None
+    thr = {}
+    for r in stats.itertuples(index=False):
+        s = train.loc[train["section"].astype(str) == str(r.section), "score"].astype(float).to_numpy()
+        thr[str(r.section)] = float(np.quantile((s - r.mean) / max(r.std, 1e-12), quantile))
+    layout = trial.get("layout") or ("recordings" if "offset" in train.columns else "dcase2020")
+    member = {"name": f"{trial['family']}/{Path(str(ckpt).rstrip('/')).parent.name or 'trial'}",
+              "family": trial["family"], "weight": 1, "checkpoint": str(ckpt),
+              "state": storage.join(str(ckpt), STATE_FILE), "params": trial["params"], "spec": trial["spec"],
+              "info": trial["info"], "epoch": trial.get("epoch"),
+              "stats": {str(r.section): {"mean": float(r.mean), "std": float(r.std), "n": int(r.n)}
+                        for r in stats.itertuples(index=False)}}
+    return {"version": 1, "layout": layout, "quantile": quantile, "source": "checkpoint",
+            "machine_types": {mt: {"ensemble": "single trial", "kind": "single", "combine": "mean",
+                                   "members": [member], "sections": sorted(thr), "threshold": thr}}}
+
+
+def read_ensemble(path: str | os.PathLike, quantile: float = DEFAULT_QUANTILE) -> dict:
+    """An ensemble document from an ``ensemble.json`` or from a trial's checkpoint folder."""
+    if is_checkpoint(path):
+        return checkpoint_document(str(path), quantile)
+    if os.path.isdir(path):
+        raise ScoreError(f"{path}: a folder, but not a trial checkpoint (no {TRIAL_FILE} and {STATE_FILE}); pass an "
+                         "ensemble.json written by python -m raysd.leaderboard or a trial's last checkpoint folder")
     try:
         doc = json.loads(storage.read_bytes(path))
     except (OSError, json.JSONDecodeError) as e:
@@ -235,58 +296,77 @@ def clip_table(items: list[Item], layout: str, clip_seconds: float) -> tuple[pd.
 
 
 # ---------------------------------------------------------------------- scoring
-def member_scores(m: Member, table: pd.DataFrame, device: torch.device, batch_size: int,
-                  failed: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions in ``table``, raw anomaly scores) batch by batch, featurised with the member's spec."""
-    from raysd.data.features import extract
-    from raysd.families.base import ClipSet
+def member_scores(m: Member, table: pd.DataFrame, device: torch.device, batch_size: int, failed: list,
+                  embed: bool = False, workers: int | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(positions in ``table``, raw anomaly scores, clip embeddings or None) batch by batch, featurised with the
+    member's spec and read straight from the files."""
+    from raysd.anomalies import stream
 
-    code = {c: i for i, c in enumerate(m.trainer.info.class_names)}
-    view = m.trainer.family.view()
-    for ok, feats in extract(table, m.spec, device=device, batch_size=batch_size, failed=failed):
-        if not ok:
-            continue
-        ok = np.asarray(ok)
-        labels = torch.tensor([code.get(str(s), -1) for s in table["section"].to_numpy()[ok]], dtype=torch.long)
-        clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels.to(device), view)
-        yield ok, m.trainer.score(clips)
+    yield from stream(m.trainer, m.spec, table, device, batch_size, embed=embed, failed=failed, workers=workers)
 
 
 def score_type(model: TypeModel, table: pd.DataFrame, device: torch.device, batch_size: int = 64,
-               chunk: int = 512) -> tuple[pd.DataFrame, list]:
-    """Combined standardised scores and decisions of one machine type's clips, ``chunk`` clips at a time."""
+               chunk: int = 512, embed: bool = False, workers: int | None = None
+               ) -> tuple[pd.DataFrame, list, tuple[np.ndarray, str] | None]:
+    """Combined standardised scores and decisions of one machine type's clips, ``chunk`` clips at a time, and
+    (with ``embed``) the clips' embeddings by the first member that has a bottleneck with that member's name
+    (None if none has)."""
     failed: list = []
-    parts = []
+    parts, embedded = [], []
+    embedder = 0 if embed else None  # member whose embeddings are kept; moves on past members without one
     for lo in range(0, len(table), chunk):
         part = table.iloc[lo:lo + chunk].reset_index(drop=True)
         z = np.full((len(part), len(model.members)), np.nan)
+        emb = None
         for j, m in enumerate(model.members):
             mu = part["section"].map(lambda s: m.stats[s][0]).to_numpy(float)
             sd = np.maximum(part["section"].map(lambda s: m.stats[s][1]).to_numpy(float), 1e-12)
-            for ok, s in member_scores(m, part, device, batch_size, failed):
+            for ok, s, e in member_scores(m, part, device, batch_size, failed, embed=embedder == j, workers=workers):
                 z[ok, j] = (s - mu[ok]) / sd[ok]
+                if embedder == j and e is None:
+                    embedder = j + 1 if j + 1 < len(model.members) else None
+                elif embedder == j:
+                    emb = np.full((len(part), e.shape[1]), np.nan, np.float32) if emb is None else emb
+                    emb[ok] = e
         good = np.isfinite(z).all(axis=1)
         out = part.loc[good].copy()
         out["score"] = combine_matrix(z[good], [m.weight for m in model.members], model.combine)
         out["decision"] = (out["score"] > out["section"].map(model.threshold).astype(float)).astype(int)
         parts.append(out)
+        if emb is not None:
+            embedded.append(emb[good])
     bad = sorted({(f.file, f.reason) for f in failed})
-    return (pd.concat(parts, ignore_index=True) if parts else table.iloc[:0].assign(score=[], decision=[])), bad
+    scored = pd.concat(parts, ignore_index=True) if parts else table.iloc[:0].assign(score=[], decision=[])
+    if not embedded or embedder is None or sum(map(len, embedded)) != len(scored):
+        return scored, bad, None
+    return scored, bad, (np.concatenate(embedded), model.members[embedder].name)
 
 
-def score_paths(ensemble: str | os.PathLike, paths: list[str], machine_type: str | None = None,
-                section: str | None = None, device: str | None = None, batch_size: int = 64
-                ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Score audio files / folders with a saved ensemble: (scores table, [(file, why not scored)])."""
+@dataclass
+class Scored:
+    table: pd.DataFrame  # every scored clip with path, sample_rate, num_samples, ... (all machine types)
+    problems: list[tuple[str, str]]
+    layout: str
+    embeddings: dict[str, tuple[np.ndarray, str]]  # machine type -> (embeddings of its rows, member name)
+
+
+def score_all(ensemble: str | os.PathLike, paths: list[str], machine_type: str | None = None,
+              section: str | None = None, device: str | None = None, batch_size: int = 64, embed: bool = False,
+              quantile: float = DEFAULT_QUANTILE, workers: int | None = None) -> Scored:
+    """Score audio files / folders with a saved ensemble or trial checkpoint (and embed their clips).
+
+    Clips are read ``batch_size`` at a time by ``workers`` threads (default: one per CPU), so memory does not grow
+    with the length of a recording."""
     from raysd.data.features import resolve_device
 
     ensemble = str(ensemble)
-    doc = read_ensemble(ensemble)
+    doc = read_ensemble(ensemble, quantile)
     dev = resolve_device(device)
     items = resolve_items(find_audio(paths), doc, machine_type, section)
     problems = [(str(it.path), it.problem) for it in items if it.problem]
     layout = str(doc.get("layout", ""))
-    frames = []
+    frames, embeddings = [], {}
     for mt in sorted({it.machine_type for it in items if not it.problem}):
         model = load_type(doc, mt, dev, ensemble)
         clip_seconds = model.members[0].spec.clip_seconds
@@ -294,38 +374,88 @@ def score_paths(ensemble: str | os.PathLike, paths: list[str], machine_type: str
         problems += bad
         if table.empty:
             continue
-        scored, undecodable = score_type(model, table, dev, batch_size)
+        scored, undecodable, emb = score_type(model, table, dev, batch_size, embed=embed, workers=workers)
         problems += undecodable
-        if layout == "recordings":
-            sr = scored["sample_rate"].astype(float)
-            scored["start_s"] = scored["offset"] / sr
-            scored["end_s"] = (scored["offset"] + scored["num_samples"]) / sr
+        sr = scored["sample_rate"].astype(float)
+        scored["start_s"] = scored["offset"] / sr
+        scored["end_s"] = (scored["offset"] + scored["num_samples"]) / sr
+        if emb is not None:
+            embeddings[mt] = emb
         frames.append(scored)
-    cols = OUTPUT_COLUMNS + (["offset", "start_s", "end_s"] if layout == "recordings" else [])
+    cols = ["path", *OUTPUT_COLUMNS, "offset", "num_samples", "sample_rate", "start_s", "end_s"]
     out = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
-    return out, problems
+    return Scored(out, problems, layout, embeddings)
+
+
+def score_paths(ensemble: str | os.PathLike, paths: list[str], machine_type: str | None = None,
+                section: str | None = None, device: str | None = None, batch_size: int = 64
+                ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Score audio files / folders with a saved ensemble: (scores table, [(file, why not scored)])."""
+    s = score_all(ensemble, paths, machine_type, section, device, batch_size)
+    cols = OUTPUT_COLUMNS + (["offset", "start_s", "end_s"] if s.layout == "recordings" else [])
+    return s.table[cols].reset_index(drop=True), s.problems
+
+
+def write_reports(s: Scored, out: Path, top: int, projection: str, plots: bool = True) -> list:
+    """One anomaly report per machine type (``out`` itself when there is one, else ``out/<machine type>``)."""
+    from raysd.anomalies import write_report
+
+    reports = []
+    types = sorted(s.table["machine_type"].unique())
+    for mt in types:
+        rows = s.table["machine_type"] == mt
+        clips = s.table.loc[rows].assign(recording=lambda t: t["file"].astype(str)).reset_index(drop=True)
+        emb, who = s.embeddings.get(mt, (None, ""))
+        reports.append(write_report(clips, out if len(types) == 1 else out / mt.replace("/", "-"), top=top,
+                                    embeddings=emb, projection=projection, title=mt, plots=plots,
+                                    embedding_label=f"{who} bottleneck"))
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysd.anomalies import DEFAULT_TOP, PROJECTIONS, ReportError
+
     p = argparse.ArgumentParser(prog="python -m raysd.score", description=__doc__.split("\n\n")[0])
-    p.add_argument("ensemble", help="ensemble.json written by python -m raysd.leaderboard")
+    p.add_argument("ensemble", help="ensemble.json written by python -m raysd.leaderboard, or a trial's last "
+                                    "checkpoint folder")
     p.add_argument("paths", nargs="+", help="audio files and/or folders (searched recursively)")
     p.add_argument("--out", help="write the CSV here (atomically) instead of printing it")
     p.add_argument("--machine-type", help="machine type of every file (default: from the folder names)")
     p.add_argument("--section", help="machine ID / section of every file (default: from the file names)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--batch-size", type=int, default=64, help="clips featurised per batch (default 64)")
+    p.add_argument("--report", help="anomaly report folder (default ./anomalies for long recordings; "
+                                    "with this option also for DCASE-style clips)")
+    p.add_argument("--no-report", action="store_true", help="write no anomaly report")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP,
+                   help=f"clips listed in anomalies.csv (default {DEFAULT_TOP})")
+    p.add_argument("--projection", choices=PROJECTIONS, default="pca",
+                   help="embedding view for families with a bottleneck (default pca)")
+    p.add_argument("--no-plots", action="store_true",
+                   help="anomalies.csv only: no spectrograms, histogram or embedding view")
+    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
+                   help="for a checkpoint folder: decision threshold as this quantile of its standardised training "
+                        f"scores (default {DEFAULT_QUANTILE})")
     args = p.parse_args(argv)
     if args.section is not None and args.section.isdigit():
         args.section = f"{int(args.section):02d}"
+    if args.top < 1:
+        print(f"error: --top must be >= 1, got {args.top}", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # undecodable clips are reported below instead
-            table, problems = score_paths(args.ensemble, args.paths, args.machine_type, args.section, args.device,
-                                          args.batch_size)
+            layout = None if args.no_report else str(read_ensemble(args.ensemble, args.quantile).get("layout", ""))
+            report = None if args.no_report or (layout != "recordings" and not args.report) else \
+                Path(args.report or "anomalies")
+            scored = score_all(args.ensemble, args.paths, args.machine_type, args.section, args.device,
+                               args.batch_size, embed=report is not None and not args.no_plots
+                               and args.projection != "none", quantile=args.quantile)
     except (ScoreError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cols = OUTPUT_COLUMNS + (["offset", "start_s", "end_s"] if scored.layout == "recordings" else [])
+    table = scored.table[cols]
     if args.out:
         with atomic_path(args.out) as tmp:
             table.to_csv(tmp, index=False)
@@ -333,11 +463,20 @@ def main(argv: list[str] | None = None) -> int:
               f"({int(table['decision'].sum()) if len(table) else 0} above threshold)", file=sys.stderr)
     else:
         table.to_csv(sys.stdout, index=False)
-    if problems:
-        print(f"[raysd] {len(problems)} file(s) not scored:", file=sys.stderr)
-        for f, why in problems:
+    if report is not None and len(scored.table):
+        try:
+            for r in write_reports(scored, report, args.top, args.projection, plots=not args.no_plots):
+                print(f"[raysd] strangest {len(r.top)} clips: {r.csv}", file=sys.stderr)
+                for n in r.notes:
+                    print(f"[raysd]   {n}", file=sys.stderr)
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if scored.problems:
+        print(f"[raysd] {len(scored.problems)} file(s) not scored:", file=sys.stderr)
+        for f, why in scored.problems:
             print(f"  {f}: {why}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if scored.problems else 0
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ def train_worker(cfg: dict) -> None:
             if rank == 0:
                 torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
                 (Path(d) / "trial.json").write_text(json.dumps(
-                    {"family": job.family, "machine_type": job.machine_type, "layout": job.layout, "params": cfg["params"],
+                    {"family": job.family, "machine_type": job.machine_type, "layout": job.layout,
+                     "params": cfg["params"],
                      "spec": spec.to_dict(), "info": study.info.__dict__, "epoch": trainer.epoch}, default=str))
                 if last:
                     score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)
