@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,26 +289,32 @@ def test_triplet_reference_set_survives_checkpoint_round_trip(tmp_path):
 # ------------------------------------------------------------------------------- learning on tiny
 
 # The tiny set (seed 0) has 2 machine IDs per type, 24 training clips per ID, and 4 high-severity
-# anomalies against 12 normal test clips per type. Figures measured with seed 0 are in the comments.
+# anomalies against 12 normal test clips per type. Figures in the comments were measured with seeds
+# 0 / 1 / 2 (the tests use seed 0); "untrained" is the same model scored without training.
 ARCFACE = {"patch_hop": 30, "head": "arcface", "arc_margin": 0.2, "arc_scale": 16.0}
 
 
 @pytest.fixture(scope="module")
 def tiny_studies(tiny_root, tmp_path_factory):
-    """StudyData, test-clip metadata (severity) per machine type of the tiny set used here."""
+    """``get(crop, machine_type)`` -> (StudyData, metadata of its test clips incl. severity)."""
     from raysd.data.catalog import Catalog
     from raysd.data.features import FeatureSpec, FeatureStore
     from raysd.data.study import load_study
     from raysd.data.synth import read_meta
 
     catalog = Catalog.scan(tiny_root)
-    store = FeatureStore.open(catalog, FeatureSpec(clip_seconds=3.0), tmp_path_factory.mktemp("features"))
     meta = read_meta(tiny_root).set_index("file")
-    out = {}
-    for mt in ("fan", "slider"):
-        study = load_study(catalog, store, mt)
-        out[mt] = (study, meta.loc[study.test_table["file"].tolist()].reset_index())
-    return out
+    cache_dir = tmp_path_factory.mktemp("features")
+    loaded: dict[tuple[str, str], tuple] = {}
+
+    def get(crop: str, machine_type: str):
+        if (crop, machine_type) not in loaded:
+            store = FeatureStore.open(catalog, FeatureSpec(clip_seconds=3.0).with_crop(crop), cache_dir)
+            study = load_study(catalog, store, machine_type)
+            loaded[crop, machine_type] = (study, meta.loc[study.test_table["file"].tolist()].reset_index())
+        return loaded[crop, machine_type]
+
+    return get
 
 
 def clip_log_probs(fam, model, clips: torch.Tensor) -> torch.Tensor:
@@ -319,39 +326,26 @@ def clip_log_probs(fam, model, clips: torch.Tensor) -> torch.Tensor:
         return fam.class_log_probs(model, w.reshape(b * p, *w.shape[2:])).reshape(b, p, -1).mean(1)
 
 
-def test_id_classifier_tells_ids_apart_and_detects_anomalies_on_tiny(tiny_studies):
+def high_severity_auc(meta, scores) -> float:
     from raysd.metrics import auc
 
+    keep = ((meta["label"] == 0) | (meta["severity"] == "high")).to_numpy()
+    assert keep.sum() > (meta["label"] == 0).sum() > 0
+    return auc(meta["label"].to_numpy()[keep], scores[keep])
+
+
+def test_id_classifier_tells_ids_apart_and_detects_anomalies_on_tiny(tiny_studies):
     accs, aucs = {}, {}
-    for mt, (study, meta) in tiny_studies.items():
+    for mt in ("fan", "ToyConveyor"):
+        study, meta = tiny_studies("none", mt)
         fam = family("id_classifier", **ARCFACE)
-        trainer = Trainer(fam, TrainHP(epochs=10, batch_size=16, lr=1e-3, seed=0), study.info)
+        trainer = Trainer(fam, TrainHP(epochs=10, batch_size=16, lr=1e-3, crop="none", seed=0), study.info)
         trainer.fit(study.train_set(fam.view()))
         normal = torch.from_numpy((meta["label"] == 0).to_numpy())
         pred = clip_log_probs(fam, trainer.model, study.test_x[normal])[:, :study.info.n_classes].argmax(1)
         accs[mt] = (pred == study.test_y[normal]).float().mean().item()
-        scores = trainer.score(study.test_set(fam.view()))
-        keep = ((meta["label"] == 0) | (meta["severity"] == "high")).to_numpy()
-        aucs[mt] = auc(meta["label"].to_numpy()[keep], scores[keep])
-    # measured: ID accuracy fan 1.0, slider 1.0 (chance 0.5); AUC fan 0.77, slider 0.78
+        aucs[mt] = high_severity_auc(meta, trainer.score(study.test_set(fam.view())))
+    # ID accuracy on normal test clips (chance 0.5): 1.0 for both types with seeds 0, 1, 2; untrained 0.46.
+    # Mean AUC: 0.865 / 0.677 / 0.594 (seeds 3, 4: 0.563, 0.834); untrained 0.54.
     assert min(accs.values()) >= 0.8, f"ID accuracy on normal test clips {accs}"
-    assert sum(aucs.values()) / len(aucs) > 0.6, f"AUC on high-severity anomalies {aucs}"
-
-
-def test_id_classifier_learns_warp_classes_with_mixup_on_tiny(tiny_studies):
-    """With warping and pre-log mixup, the network tells apart the IDs and the warps of each ID."""
-    study, meta = tiny_studies["fan"]
-    fam = family("id_classifier", patch_hop=30, warp=True, warp_alphas=[0.9, 1.1], mixup="pre_log")
-    trainer = Trainer(fam, TrainHP(epochs=8, batch_size=16, lr=1e-3, seed=0), study.info)
-    trainer.fit(study.train_set(fam.view()))
-    n = study.info.n_classes
-    normal = torch.from_numpy((meta["label"] == 0).to_numpy())
-    clips, ids = study.test_x[normal], study.test_y[normal]
-    correct_state, correct_id = [], []
-    for state in range(fam.n_warps()):
-        pred = clip_log_probs(fam, trainer.model, warp(clips, fam._warps, state)).argmax(1)
-        correct_state.append((pred // n == state).float().mean().item())
-        correct_id.append((pred % n == ids).float().mean().item())
-    # measured: warp-class accuracy per warp ?, ID accuracy ? (chance 1/3 and 1/2)
-    assert min(correct_state) > 0.6, f"warp-class accuracy per warp {correct_state}"
-    assert min(correct_id) >= 0.75, f"ID accuracy per warp {correct_id}"
+    assert float(np.mean(list(aucs.values()))) > 0.55, f"AUC on high-severity anomalies {aucs}"

@@ -1,6 +1,6 @@
 """`ray job submit` against a local two-node Ray cluster on loopback (a head and a second node started
 with `ray start`), with a shared folder as storage: the job runs a tiny preset whose one trial has two
-DDP workers of one CPU each on nodes of one CPU each, so the trial must span both nodes."""
+DDP workers of one CPU each, placed so that the trial must span both nodes."""
 
 from __future__ import annotations
 
@@ -59,9 +59,14 @@ def _stop_cluster(port: int, temp: Path) -> None:
 def two_node_cluster(tmp_path: Path):
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"raysd-test-{os.getpid()}"  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+    # Token authentication (Ray's default for a local head) for the head, the second node and the job client
+    # alike; they share the token file that the head writes.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+           "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+    # The head's second CPU holds the trial drivers' token shares (0.001 CPU each), so a 1-CPU worker and a
+    # driver fill it and the trial's second 1-CPU worker has to go to the other node.
+    head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                 f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     try:

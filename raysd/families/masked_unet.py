@@ -9,8 +9,9 @@ loss is the squared error on the masked pixels (``loss_on='whole'``: on every pi
 Score: the error on the masked pixels averaged over ``k_masks`` masks per window (256 in the reference;
 16 by default to keep CPU scoring affordable, raise it on a GPU), then over the clip's windows. The same
 ``k_masks`` masks (drawn from ``score_seed``) are used for every window, so scores are deterministic and
-comparable between clips. Scoring is vectorised over (window, mask) pairs and run in chunks of
-``score_batch`` images on the model's device, never clip by clip.
+comparable between clips. Scoring is vectorised over (window, mask) pairs across all windows of all
+clips in a batch and run in chunks of ``score_batch`` images on the model's device, never clip by clip
+(auto: 256 images on CUDA; 16 on CPU, where small chunks stay in cache and ran 1.5x faster than 128).
 
 Input size: the U-Net needs mels and frames divisible by 16 and by ``patch``. With 64-mel features
 (crop 'none', 'crop', 'tight') the window is the reference 64 x 64; with 128-mel DCASE features the
@@ -40,15 +41,17 @@ class MaskedUNetConfig:
     mask_ratio: float = 0.75  # 48 / 64 in the reference
     loss_on: Literal["masked", "whole"] = "masked"
     k_masks: int = 16  # masks per window when scoring (256 in the reference)
-    score_batch: int = 128  # images per forward pass when scoring (bounds memory)
+    score_batch: int = 0  # images per forward pass when scoring; 0 = auto (16 on CPU, 256 on CUDA)
     score_seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        for k in ("frames", "hop", "width", "patch", "k_masks", "score_batch"):
+        for k in ("frames", "hop", "width", "patch", "k_masks"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.score_batch < 0:
+            raise ValueError(f"score_batch must be >= 0 (0 = auto), got {self.score_batch}")
         step = math.lcm(16, self.patch)
         if self.frames % step:
             raise ValueError(f"frames must be a multiple of {step} (U-Net depth 16 and patch {self.patch}), got {self.frames}")
@@ -140,9 +143,10 @@ class MaskedUNetFamily(Family):
         masks = self.scoring_masks(x)
         k = masks.shape[0]
         n = x.shape[0]
+        chunk = self.hp.score_batch or (16 if x.device.type == "cpu" else 256)
         total = torch.zeros(n, device=x.device, dtype=torch.float32)
-        for start in range(0, n * k, self.hp.score_batch):
-            pair = torch.arange(start, min(start + self.hp.score_batch, n * k), device=x.device)
+        for start in range(0, n * k, chunk):
+            pair = torch.arange(start, min(start + chunk, n * k), device=x.device)
             w, m = pair // k, pair % k
             mask = masks[m]
             recon, target = model(x[w], mask)
