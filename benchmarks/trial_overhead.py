@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     raysd_epoch_s, loader_epoch_s = epoch_times(family, hp, study, view)
     plain_s = plain_loop(family, hp, study, view, args.epochs)
 
-    ray.init(include_dashboard=False, num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False)
     job = StudyJob(study=f"{args.machine_type}__{args.family}", family=args.family, machine_type=args.machine_type,
                    catalog=catalog.table, data_root=str(root), layout=catalog.layout, spec=spec.to_dict(),
                    rule="2020", metric="sel_auc", cache_dir=str(work / "cache"), experiment=str(work / "exp"))

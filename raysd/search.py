@@ -286,7 +286,7 @@ def init_ray() -> None:
     else:
         # One extra logical CPU holds the trial drivers' token shares, so trials whose workers take every
         # core can still start.
-        ray.init(include_dashboard=False, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

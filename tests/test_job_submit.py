@@ -55,8 +55,20 @@ def _stop_cluster(port: int, temp: Path) -> None:
             pass
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path: Path):
+def _submit(address: str, cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried for up to three minutes while the new head's agent is not ready yet."""
+    import time
+
+    deadline = time.time() + 180
+    while True:
+        job = _ray("job", "submit", "--address", address, "--", *cmd, env=env, timeout=timeout)
+        if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
+            return job
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"raysd-test-{os.getpid()}"  # Ray's socket paths must stay short
     # Token authentication (Ray's default for a local head) for the head, the second node and the job client
@@ -93,8 +105,7 @@ def test_job_submit_runs_trials_across_two_nodes(two_node_cluster, tiny_root: Pa
     cmd = [sys.executable, "-m", "raysd.search", str(preset), "--data-root", str(tiny_root),
            "--cache-dir", str(tmp_path / "cache"), "--storage-path", str(shared), "--shared-fs",
            "--results-dir", str(tmp_path / "results")]
-    job = _ray("job", "submit", "--address", two_node_cluster["address"], "--", *cmd,
-               env=two_node_cluster["env"], timeout=1200)
+    job = _submit(two_node_cluster["address"], cmd, two_node_cluster["env"], timeout=1200)
     assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-3000:]
     (record,) = [json.loads(p.read_text()) for p in (shared / "job" / "trials").glob("*/*.json")]
     assert record["status"] == "finished", record
@@ -105,7 +116,6 @@ def test_job_submit_runs_trials_across_two_nodes(two_node_cluster, tiny_root: Pa
 def test_multi_node_cluster_refuses_local_storage(two_node_cluster, tiny_root: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "raysd.search", "demo", "--data-root", str(tiny_root),
            "--cache-dir", str(tmp_path / "cache"), "--storage-path", str(tmp_path / "local")]
-    job = _ray("job", "submit", "--address", two_node_cluster["address"], "--", *cmd,
-               env=two_node_cluster["env"], timeout=600)
+    job = _submit(two_node_cluster["address"], cmd, two_node_cluster["env"], timeout=600)
     assert job.returncode != 0
     assert "shared storage" in job.stdout or "s3://" in job.stdout
