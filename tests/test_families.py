@@ -56,11 +56,13 @@ LEARN: dict[str, Learn] = {
     "svdd_ae": Learn(0.70, {"hop": 4}, {"epochs": 6, "batch_size": 32, "lr": 1e-3, "crop": "none"}),
     # 0.906 / 0.906 / 0.906; untrained 0.427
     "group_made": Learn(0.80, {}, {"epochs": 3, "batch_size": 256}),
-    # seed 0: fan 0.604, ToyConveyor 0.875 (mean 0.740); seeds vary widely on 24 clips per ID
-    "id_classifier": Learn(0.62, {"backbone": "mobilenet_v2", "patch_hop": 30},
+    # 0.740 / 0.708 / 0.625 (seed 3: 0.584); untrained 0.459. ID accuracy on test normals ~1.0 with every seed
+    "id_classifier": Learn(0.55, {"backbone": "mobilenet_v2", "patch_hop": 30},
                            {"epochs": 8, "batch_size": 32, "lr": 1e-3, "crop": "none"}),
-    # seed 0: fan 0.875, ToyConveyor 0.833 (mean 0.854)
-    "triplet": Learn(0.72, {}, {"epochs": 6, "batch_size": 32, "lr": 1e-3, "crop": "none"}),
+    # 0.854 / 0.709 / 0.562 (seed 3: 0.760); untrained 0.718: random CNN embeddings already place these
+    # anomalies away from the references, so this AUC does not show learning; test_families_id.py checks
+    # the held-out triplet loss and the ID accuracy of the reference sets instead
+    "triplet": Learn(0.55, {}, {"epochs": 6, "batch_size": 32, "lr": 1e-3, "crop": "none"}),
 }
 
 # Smaller settings for the multi-step contract tests on random data (defaults are still built and run

@@ -18,9 +18,10 @@ from raysd.train import Trainer
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _one_thread():
+    """One intra-op thread: on a busy shared CPU spinning OpenMP threads slow these small models 10x."""
     n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
@@ -288,10 +289,10 @@ def test_triplet_reference_set_survives_checkpoint_round_trip(tmp_path):
 
 # ------------------------------------------------------------------------------- learning on tiny
 
-# The tiny set (seed 0) has 2 machine IDs per type, 24 training clips per ID, and 4 high-severity
-# anomalies against 12 normal test clips per type. Figures in the comments were measured with seeds
-# 0 / 1 / 2 (the tests use seed 0); "untrained" is the same model scored without training.
-ARCFACE = {"patch_hop": 30, "head": "arcface", "arc_margin": 0.2, "arc_scale": 16.0}
+# The tiny set has 2 machine IDs per type, 24 training clips per ID, and 4 high-severity anomalies
+# against 12 normal test clips per type. Figures in the comments were measured with seeds 0 / 1 / 2 (the
+# tests use seed 0; with so few clips the AUC varies widely from seed to seed); "untrained" is the same
+# model scored without training (BatchNorm statistics recomputed).
 
 
 @pytest.fixture(scope="module")
@@ -338,14 +339,37 @@ def test_id_classifier_tells_ids_apart_and_detects_anomalies_on_tiny(tiny_studie
     accs, aucs = {}, {}
     for mt in ("fan", "ToyConveyor"):
         study, meta = tiny_studies("none", mt)
-        fam = family("id_classifier", **ARCFACE)
-        trainer = Trainer(fam, TrainHP(epochs=10, batch_size=16, lr=1e-3, crop="none", seed=0), study.info)
+        fam = family("id_classifier", patch_hop=30)
+        trainer = Trainer(fam, TrainHP(epochs=8, batch_size=32, lr=1e-3, crop="none", seed=0), study.info)
         trainer.fit(study.train_set(fam.view()))
-        normal = torch.from_numpy((meta["label"] == 0).to_numpy())
-        pred = clip_log_probs(fam, trainer.model, study.test_x[normal])[:, :study.info.n_classes].argmax(1)
+        normal = torch.tensor((meta["label"] == 0).to_numpy())
+        pred = clip_log_probs(fam, trainer.model, study.test_x[normal]).argmax(1)
         accs[mt] = (pred == study.test_y[normal]).float().mean().item()
         aucs[mt] = high_severity_auc(meta, trainer.score(study.test_set(fam.view())))
-    # ID accuracy on normal test clips (chance 0.5): 1.0 for both types with seeds 0, 1, 2; untrained 0.46.
-    # Mean AUC: 0.865 / 0.677 / 0.594 (seeds 3, 4: 0.563, 0.834); untrained 0.54.
+    # ID accuracy on normal test clips (chance 0.5), fan / ToyConveyor: 0.92 / 1.0, 1.0 / 1.0, 0.92 / 0.92;
+    # untrained 0.42 / 0.5
+    # mean AUC: 0.740 / 0.708 / 0.625 (seed 3: 0.584); untrained 0.459
     assert min(accs.values()) >= 0.8, f"ID accuracy on normal test clips {accs}"
     assert float(np.mean(list(aucs.values()))) > 0.55, f"AUC on high-severity anomalies {aucs}"
+
+
+def test_triplet_embedding_separates_ids_on_tiny(tiny_studies):
+    """On normal test clips the trained embedding meets the triplet margin far better than the untrained
+    one, and the nearest reference set (mean distance to an ID's K references) names the clip's ID."""
+    study, meta = tiny_studies("none", "fan")
+    normal = torch.tensor((meta["label"] == 0).to_numpy())
+    held_out = ClipSet(study.test_x[normal], study.test_y[normal], family("triplet").view())
+    loss, acc = {}, {}
+    for epochs in (0, 6):
+        fam = family("triplet")
+        trainer = Trainer(fam, TrainHP(epochs=6, batch_size=32, lr=1e-3, crop="none", seed=0), study.info)
+        trainer.fit(study.train_set(fam.view()), epochs=epochs)
+        loss[epochs] = trainer.eval_loss(held_out, batch_size=len(held_out) * 2)
+        model = trainer.model.eval()
+        with torch.no_grad():
+            e = fam.clip_embeddings(model, fam.view().windows(held_out.clips))
+            d = torch.linalg.vector_norm(e[:, None, None] - model.refs[None], dim=-1).mean(-1)
+        acc[epochs] = (d.argmin(1) == held_out.labels).float().mean().item()
+    # measured (seed 0): held-out loss 1.01 untrained, 0.0 trained; ID accuracy 0.92 untrained, 1.0 trained
+    assert loss[6] < 0.5 * loss[0], f"held-out triplet loss untrained vs trained {loss}"
+    assert acc[6] >= 0.9, f"ID accuracy of the nearest reference set untrained vs trained {acc}"
