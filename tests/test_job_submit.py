@@ -76,9 +76,9 @@ def two_node_cluster():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    # The head's second CPU holds the trial drivers' token shares (0.001 CPU each), so a 1-CPU worker and a
-    # driver fill it and the trial's second 1-CPU worker has to go to the other node.
-    head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+    # Two nodes of one CPU each; the trial's two workers take 0.75 CPU each, so no node can hold both
+    # (wherever the trial driver's 0.001 CPU lands) and the trial has to span the nodes.
+    head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                 f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     try:
@@ -98,7 +98,7 @@ def test_job_submit_runs_trials_across_two_nodes(two_node_cluster, tiny_root: Pa
         "name": "job", "dataset": {"layout": "auto"}, "rule": "2020", "machine_types": ["fan"],
         "features": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 64, "clip_seconds": 3.0},
         "metric": "sel_auc", "scheduler": {"type": "none"},
-        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "resources": {"workers": 2, "cpus_per_worker": 0.75},
         "families": {"dense_ae": {"num_samples": 1, "epochs": 1, "space": {"lr": 1e-3, "batch_size": 512}}},
     }))
     shared = tmp_path / "shared"
