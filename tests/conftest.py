@@ -44,3 +44,13 @@ def fixture_clip() -> Path:
     if not FIXTURE_CLIP.exists():
         pytest.skip(f"fixture clip {FIXTURE_CLIP} not present (set RAYSD_SHARED to the shared folder)")
     return FIXTURE_CLIP
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the family models are small, and on a busy shared CPU two spinning OpenMP
+    threads make a step 10-20x slower (measured), while one thread loses little on a quiet one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,6 +24,8 @@ from raysd.families import REGISTRY
 from raysd.families.base import ClipSet, DataInfo, Family, TrainHP, make_config
 from raysd.train import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAMILIES = sorted(REGISTRY)
 
 
@@ -70,16 +72,6 @@ LEARN: dict[str, Learn] = {
 FAST: dict[str, dict] = {
     "masked_unet": {"width": 8, "k_masks": 4},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a busy shared CPU two spinning OpenMP
-    threads make a step 10-20x slower (measured), while one thread loses little on a quiet one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_family(name: str, overrides: dict | None = None) -> Family:

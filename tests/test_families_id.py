@@ -17,13 +17,7 @@ from raysd.families.base import ClipSet, DataInfo, TrainHP, make_config
 from raysd.train import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy shared CPU spinning OpenMP threads slow these small models 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def family(name: str, **hp):

@@ -13,15 +13,7 @@ from raysd.families.blocks import GaussianStats, UNet
 from raysd.families.masked_unet import masked_error, patch_masks, pixel_masks
 from raysd.train import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a busy shared CPU two spinning OpenMP
-    threads make a step 10-20x slower (measured), while one thread loses little on a quiet one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def family(name: str, **hp):
