@@ -56,13 +56,12 @@ from raysd.ensemble import (
     selection_value, standardise,
 )
 from raysd.metrics import MetricError, normalize_rule, write_submission
+from raysd.storage import STATE_FILE, TRIAL_FILE
 
 HALVES = {"selection": "sel", "report": "report", "test": "test"}
 SCORE_FILES = ("scores_test.csv", "scores_train.csv")
 HELDOUT_FILE = "scores_heldout.csv"
 EMBED_MAX_CLIPS = 20000  # clips embedded again for the embedding view of unlabelled data (top clips always)
-STATE_FILE = "state.pt"
-TRIAL_FILE = "trial.json"
 DEFAULT_QUANTILE = 0.9
 ENSEMBLE_VERSION = 1
 

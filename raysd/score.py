@@ -48,10 +48,9 @@ import torch
 from raysd import storage
 from raysd.atomic import atomic_path
 from raysd.ensemble import combine_matrix
+from raysd.storage import STATE_FILE, TRIAL_FILE
 
 AUDIO_SUFFIXES = (".wav", ".flac")
-TRIAL_FILE = "trial.json"
-STATE_FILE = "state.pt"
 TRAIN_SCORES = "scores_train.csv"
 DEFAULT_QUANTILE = 0.9
 SPLIT_FOLDERS = ("train", "test", "source_test", "target_test")

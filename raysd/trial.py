@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from raysd import storage
+from raysd.storage import FAILED_FILE, STATE_FILE, TRIAL_FILE
 from raysd.data.features import FeatureSpec
 from raysd.families.base import ClipSet, get_family
 from raysd.presets import split_hp
@@ -30,7 +31,6 @@ from raysd.train import NonFiniteLoss, Trainer, shard_indices
 
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
-STATE_FILE = "state.pt"
 
 
 class TrialFailed(RuntimeError):
@@ -129,18 +129,35 @@ def pruned_table(train_rows: pd.DataFrame, pruned: list[tuple[int, int, float]])
     return out.drop(columns="clip").sort_values(["epoch", "score"], ascending=[True, False])
 
 
+def failure_metrics(reason: str, epoch: int) -> dict[str, Any]:
+    """A failed trial's last report: the metric keys are NaN (no value) so that Tune accepts it."""
+    nan = float("nan")
+    return {"epoch": epoch, "failed": reason, "train_loss": nan,
+            **{k: nan for k in ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")}}
+
+
+def ended_metrics(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The last report of a run whose checkpoint shows it had already ended (finished or failed), else None."""
+    failed = checkpoint_dir / FAILED_FILE
+    if failed.exists():
+        info = json.loads(failed.read_text())
+        return failure_metrics(info["reason"], info["epoch"])
+    trial = checkpoint_dir / TRIAL_FILE
+    if trial.exists():
+        return json.loads(trial.read_text()).get("final_metrics")
+    return None
+
+
 def report_failure(reason: str, epoch: int, rank: int) -> None:
     """End a trial as failed: the reason travels in a checkpoint, the one channel Train V2 hands back to the
-    trial driver; the metric keys are NaN (no value) so that Tune accepts the report."""
+    trial driver."""
     import ray.train
 
-    nan = float("nan")
-    metrics = {"epoch": epoch, "failed": reason, "train_loss": nan,
-               **{k: nan for k in ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")}}
+    metrics = failure_metrics(reason, epoch)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            (Path(d) / "failed.json").write_text(json.dumps({"reason": reason, "epoch": epoch}))
+            (Path(d) / FAILED_FILE).write_text(json.dumps({"reason": reason, "epoch": epoch}))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -186,7 +203,14 @@ def train_worker(cfg: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
+            ended = ended_metrics(Path(d))
+            if ended is None:
+                trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
+        if ended is not None:
+            # The driver stopped after this run's last report but before Tune recorded it: report it again
+            # (without a new checkpoint, so the trial keeps its checkpoint) for Tune to complete the trial.
+            ray.train.report(ended)
+            return
     else:
         trainer.before_training(train_full)
 
@@ -233,10 +257,10 @@ def train_worker(cfg: dict) -> None:
             checkpoint = None
             if rank == 0:
                 torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
-                (Path(d) / "trial.json").write_text(json.dumps(
+                (Path(d) / TRIAL_FILE).write_text(json.dumps(
                     {"family": job.family, "machine_type": job.machine_type, "layout": job.layout,
-                     "params": cfg["params"],
-                     "spec": spec.to_dict(), "info": study.info.__dict__, "epoch": trainer.epoch}, default=str))
+                     "params": cfg["params"], "spec": spec.to_dict(), "info": study.info.__dict__,
+                     "epoch": trainer.epoch, "final_metrics": metrics if last else None}, default=str))
                 if last:
                     score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)
                     score_table(study.train_table, train_scores).to_csv(Path(d) / "scores_train.csv", index=False)
