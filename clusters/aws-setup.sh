@@ -19,11 +19,8 @@ BUCKET=""
 SSH_CIDR=""
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() {
-  sed -n '2,4p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
-fail() { echo "aws-setup: $*" >&2; exit 1; }
+# shellcheck source=clusters/setup-common.sh
+source "$HERE/setup-common.sh"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -31,13 +28,12 @@ while [[ $# -gt 0 ]]; do
     --region) REGION="${2:-}"; shift 2 ;;
     --ssh-cidr) SSH_CIDR="${2:-}"; shift 2 ;;
     -h|--help) usage ;;
-    *) echo "aws-setup: unknown argument $1" >&2; usage ;;
+    *) echo "$(basename "$0" .sh): unknown argument $1" >&2; usage ;;
   esac
 done
 [[ -n "$BUCKET" && -n "$SSH_CIDR" && -n "$REGION" ]] || usage
 [[ "$BUCKET" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] || fail "bucket name '$BUCKET' is not a valid S3 bucket name"
-[[ "$SSH_CIDR" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$ ]] || fail "--ssh-cidr '$SSH_CIDR' is not an IPv4 CIDR (e.g. 203.0.113.7/32)"
-[[ "${SSH_CIDR#*/}" -ge 8 ]] || fail "--ssh-cidr $SSH_CIDR opens SSH to too much of the internet; give your own address, e.g. <your ip>/32"
+check_ssh_cidr "$SSH_CIDR"
 
 ACCOUNT="$(aws sts get-caller-identity --query Account --output text)"
 [[ "$ACCOUNT" =~ ^[0-9]{12}$ ]] || fail "could not read the AWS account id (got '$ACCOUNT'); are credentials configured?"

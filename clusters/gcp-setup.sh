@@ -20,11 +20,8 @@ BUCKET=""
 SSH_CIDR=""
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-usage() {
-  sed -n '2,4p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
-fail() { echo "gcp-setup: $*" >&2; exit 1; }
+# shellcheck source=clusters/setup-common.sh
+source "$HERE/setup-common.sh"
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,14 +30,13 @@ while [[ $# -gt 0 ]]; do
     --region) REGION="${2:-}"; shift 2 ;;
     --ssh-cidr) SSH_CIDR="${2:-}"; shift 2 ;;
     -h|--help) usage ;;
-    *) echo "gcp-setup: unknown argument $1" >&2; usage ;;
+    *) echo "$(basename "$0" .sh): unknown argument $1" >&2; usage ;;
   esac
 done
 [[ -n "$PROJECT" && -n "$BUCKET" && -n "$SSH_CIDR" && -n "$REGION" ]] || usage
 [[ "$PROJECT" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || fail "'$PROJECT' is not a Google Cloud project id"
 [[ "$BUCKET" =~ ^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$ ]] || fail "bucket name '$BUCKET' is not a valid bucket name"
-[[ "$SSH_CIDR" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$ ]] || fail "--ssh-cidr '$SSH_CIDR' is not an IPv4 CIDR (e.g. 203.0.113.7/32)"
-[[ "${SSH_CIDR#*/}" -ge 8 ]] || fail "--ssh-cidr $SSH_CIDR opens SSH to too much of the internet; give your own address, e.g. <your ip>/32"
+check_ssh_cidr "$SSH_CIDR"
 
 G=(gcloud --project "$PROJECT" --quiet)
 HEAD_SA="raysd-head@$PROJECT.iam.gserviceaccount.com"
