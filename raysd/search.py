@@ -24,6 +24,7 @@ from raysd.trial import StudyJob, run_trial
 
 
 DRIVER_CPU = 0.001
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster YAML as the launcher leaves it on the head
 
 
 def default_cache_dir() -> Path:
@@ -151,11 +152,40 @@ def trial_resources(job: StudyJob) -> dict[str, float]:
     return {"CPU": job.workers * job.cpus_per_worker + DRIVER_CPU, "GPU": job.workers * job.gpus_per_worker if job.use_gpu else 0.0}
 
 
-def cluster_capacity(jobs: list[StudyJob]) -> int:
-    """How many trials of the largest kind the cluster can run at once (at least 1)."""
-    import ray
+def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
+    """CPUs and GPUs of the largest cluster the autoscaler may build: the head plus worker nodes up to each
+    type's ``max_workers`` and the cluster's ``max_workers``, biggest nodes first. Read from the cluster
+    launcher's config on the head node (the file Ray Tune also looks for); None when there is none."""
+    import yaml
 
-    total = ray.cluster_resources()
+    path = config_path.expanduser()
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+        types = config["available_node_types"]
+        head = types[config["head_node_type"]].get("resources", {})
+        workers = sorted(((t.get("resources", {}), int(t.get("max_workers", 0)))
+                          for name, t in types.items() if name != config["head_node_type"]),
+                         key=lambda rw: (rw[0].get("GPU", 0), rw[0].get("CPU", 0)), reverse=True)
+        left = int(config.get("max_workers", sum(n for _, n in workers)))
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as e:
+        print(f"[raysd] warning: cannot read the autoscaler config {path} ({type(e).__name__}: {e}); "
+              "sizing concurrency from the nodes present now", file=sys.stderr)
+        return None
+    total = {k: float(head.get(k, 0)) for k in ("CPU", "GPU")}
+    for res, n in workers:
+        n = min(n, left)
+        left -= n
+        for k in total:
+            total[k] += n * float(res.get(k, 0))
+    return total
+
+
+def cluster_capacity(jobs: list[StudyJob], present: dict[str, float], most: dict[str, float] | None = None) -> int:
+    """How many trials of the largest kind fit at once (at least 1) on the cluster's resources ``present``
+    now or, on an autoscaling cluster, on the ``most`` it may grow to."""
+    total = {k: max(present.get(k, 0.0), (most or {}).get(k, 0.0)) for k in ("CPU", "GPU")}
     need = max((trial_resources(j) for j in jobs), key=lambda r: (r["GPU"], r["CPU"]))
     fits = [int(total.get(k, 0) // v) for k, v in need.items() if v > 0]
     return max(1, min(fits) if fits else 1)
@@ -341,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     warm_cache(plan)
 
-    capacity = cluster_capacity(plan.studies)
+    most = autoscaler_max_resources()
+    capacity = cluster_capacity(plan.studies, ray.cluster_resources(), most)
+    if most is not None:
+        print(f"[raysd] autoscaling cluster: up to {most['GPU']:g} GPUs and {most['CPU']:g} CPUs "
+              f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
     concurrency = args.concurrency or capacity
     per_study = max(1, capacity // min(concurrency, len(plan.studies)))
     seed = args.seed if args.seed is not None else preset.seed

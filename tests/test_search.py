@@ -245,3 +245,27 @@ def test_ended_metrics_reads_a_finished_or_failed_checkpoint(tmp_path: Path) -> 
     (tmp_path / "failed.json").write_text(json.dumps({"reason": "loss is nan", "epoch": 1}))
     ended = ended_metrics(tmp_path)
     assert ended["failed"] == "loss is nan" and ended.keys() == failure_metrics("x", 1).keys()
+
+
+def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
+    import pandas as pd
+
+    return search.StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",
+                           layout="dcase2020", spec={}, rule="2020", metric="sel_auc", cache_dir=".", experiment=".",
+                           workers=workers, use_gpu=gpus > 0, cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+
+def test_capacity_of_an_autoscaling_cluster_comes_from_its_config(tmp_path: Path) -> None:
+    """The A100 cluster starts with no GPU node: concurrency is sized for what the autoscaler may add
+    (4 nodes x 8 GPUs, the cluster's max_workers over both worker types), not for the bare head."""
+    most = search.autoscaler_max_resources(REPO / "clusters" / "aws-a100.yaml")
+    assert most == {"CPU": 4 * 96, "GPU": 4 * 8}
+    head_only = {"CPU": 0.0, "GPU": 0.0}
+    assert search.cluster_capacity([_job(1, 1.0)], head_only) == 1
+    assert search.cluster_capacity([_job(1, 1.0)], head_only, most) == 32
+    assert search.cluster_capacity([_job(1, 1.0), _job(4, 1.0)], head_only, most) == 8  # sized by the largest trial
+    assert search.cluster_capacity([_job(1, 1.0)], {"CPU": 96.0, "GPU": 8.0}) == 8  # no config: what is there
+    assert search.autoscaler_max_resources(tmp_path / "missing.yaml") is None
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("available_node_types: [1, 2]\n")
+    assert search.autoscaler_max_resources(broken) is None
