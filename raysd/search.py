@@ -315,8 +315,9 @@ def init_ray() -> None:
         ray.init(address="auto", log_to_driver=True)  # inside `ray job submit` or an explicit cluster
     else:
         # One extra logical CPU holds the trial drivers' token shares, so trials whose workers take every
-        # core can still start.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
+        # core can still start. The dashboard (on 127.0.0.1) serves the State API, through which Ray Train
+        # frees the workers' placement group of a trial that Tune stops early (ASHA) or kills.
+        ray.init(address="local", include_dashboard=True, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -148,6 +148,27 @@ def ended_metrics(checkpoint_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def ended_run(run_dir: str) -> tuple[dict[str, Any], str] | None:
+    """The last report and checkpoint of a Train run that has already ended (finished or failed), read from
+    its newest checkpoint in storage; None when there is none or it is not a complete final one."""
+    files: dict[str, set[str]] = {}
+    for f in storage.list_files(run_dir):
+        folder, name = f.rsplit("/", 1)
+        if folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
+            files.setdefault(folder, set()).add(name)
+    if not files:
+        return None
+    newest = max(files)  # Train names checkpoints by their time
+    present = files[newest]
+    if FAILED_FILE in present:
+        info = storage.read_json(storage.join(newest, FAILED_FILE))
+        return failure_metrics(info["reason"], info["epoch"]), newest
+    if not {TRIAL_FILE, STATE_FILE, "scores_test.csv", "scores_train.csv"} <= present:
+        return None
+    metrics = storage.read_json(storage.join(newest, TRIAL_FILE)).get("final_metrics")
+    return (metrics, newest) if metrics else None
+
+
 def report_failure(reason: str, epoch: int, rank: int) -> None:
     """End a trial as failed: the reason travels in a checkpoint, the one channel Train V2 hands back to the
     trial driver."""
@@ -291,6 +312,16 @@ def run_trial(params: dict, job: StudyJob) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    record = {"study": job.study, "family": job.family, "machine_type": job.machine_type, "trial_id": trial_id,
+              "params": params, "workers": job.workers, "gpus": job.workers * job.gpus_per_worker if job.use_gpu else 0}
+    ended = ended_run(storage.join(job.train_storage, trial_id))
+    if ended is not None:
+        # An earlier driver stopped after this trial's last checkpoint reached storage but before Tune recorded
+        # the trial as done: report that result again rather than start workers that have nothing to train.
+        metrics, checkpoint = ended
+        tune.report(metrics)
+        _finish(job, record, metrics, checkpoint, metrics.get("train_seconds") or 0.0)
+        return
     per_worker = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
         per_worker["GPU"] = job.gpus_per_worker
@@ -304,8 +335,6 @@ def run_trial(params: dict, job: StudyJob) -> None:
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )
-    record = {"study": job.study, "family": job.family, "machine_type": job.machine_type, "trial_id": trial_id,
-              "params": params, "workers": job.workers, "gpus": job.workers * job.gpus_per_worker if job.use_gpu else 0}
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -313,11 +342,14 @@ def run_trial(params: dict, job: StudyJob) -> None:
         storage.write_json(job.trial_record(trial_id), {**record, "status": "failed", "reason": f"{type(e).__name__}: {e}",
                                                         "wall_seconds": time.time() - t0})
         raise
-    metrics = dict(result.metrics or {})
-    wall = time.time() - t0
-    record.update(metrics=metrics, wall_seconds=wall, gpu_hours=record["gpus"] * wall / 3600,
-                  checkpoint=checkpoint_uri(job.experiment, result.checkpoint))
+    _finish(job, record, dict(result.metrics or {}), checkpoint_uri(job.experiment, result.checkpoint), time.time() - t0)
+
+
+def _finish(job: StudyJob, record: dict, metrics: dict, checkpoint: str | None, wall: float) -> None:
+    """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``."""
+    record = {**record, "metrics": metrics, "wall_seconds": wall, "gpu_hours": record["gpus"] * wall / 3600,
+              "checkpoint": checkpoint}
     if metrics.get("failed"):
-        storage.write_json(job.trial_record(trial_id), {**record, "status": "failed", "reason": metrics["failed"]})
+        storage.write_json(job.trial_record(record["trial_id"]), {**record, "status": "failed", "reason": metrics["failed"]})
         raise TrialFailed(metrics["failed"])
-    storage.write_json(job.trial_record(trial_id), {**record, "status": "finished"})
+    storage.write_json(job.trial_record(record["trial_id"]), {**record, "status": "finished"})

@@ -269,3 +269,66 @@ def test_capacity_of_an_autoscaling_cluster_comes_from_its_config(tmp_path: Path
     broken = tmp_path / "broken.yaml"
     broken.write_text("available_node_types: [1, 2]\n")
     assert search.autoscaler_max_resources(broken) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_trials_stopped_early_free_their_workers(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune stops each 2-worker trial after its first epoch (as ASHA does), killing its Train controller: the
+    workers' placement group must still be freed, or the next trial waits for CPUs forever."""
+    import ray
+    from ray import tune
+    from ray.util import placement_group_table
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    path = _preset(tmp_path, {"dense_ae": {"num_samples": 3, "epochs": 3, "space": {"lr": 1e-3, "batch_size": 512}}},
+                   machine_types=["fan"])
+    args = search.parse_args([str(path), "--data-root", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
+                              "--storage-path", str(tmp_path / "exp"), "--workers", "2"])
+    plan = search.make_plan(load_preset(path), args)
+    search.warm_cache(plan)
+    (job,) = plan.studies
+    search.init_ray()
+    try:
+        grid = tune.Tuner(
+            tune.with_resources(search.study_trainable(job), {"cpu": search.DRIVER_CPU}),
+            param_space={"lr": 1e-3, "batch_size": 512, "epochs": 3},
+            tune_config=tune.TuneConfig(metric="sel_auc", mode="max", num_samples=3, max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="stopped",
+                                      stop={"training_iteration": 1}),
+        ).fit()
+        assert [r.error for r in grid] == [None] * 3
+        assert [r.metrics["epoch"] for r in grid] == [1, 1, 1]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            live = [g for g, t in placement_group_table().items() if t["state"] != "REMOVED" and len(t["bundles"]) == 2]
+            if not live:
+                break
+            time.sleep(1)
+        assert not live, f"placement groups of stopped trials never freed: {live}"
+    finally:
+        ray.shutdown()
+
+
+def test_ended_run_reads_the_newest_complete_final_checkpoint(tmp_path: Path) -> None:
+    from raysd.trial import ended_run
+
+    def checkpoint(name: str, files: dict[str, str]) -> Path:
+        d = tmp_path / "run" / name
+        d.mkdir(parents=True)
+        for f, text in files.items():
+            (d / f).write_text(text)
+        return d
+
+    assert ended_run(str(tmp_path / "run")) is None
+    checkpoint("checkpoint_2026-01-01_00-00-01.000000", {"trial.json": json.dumps({"final_metrics": None}), "state.pt": ""})
+    assert ended_run(str(tmp_path / "run")) is None  # mid-run: Train resumes it
+    final = {"trial.json": json.dumps({"final_metrics": {"epoch": 2, "sel_auc": 0.7}}), "state.pt": "", "scores_test.csv": ""}
+    last = checkpoint("checkpoint_2026-01-01_00-00-02.000000", final)
+    assert ended_run(str(tmp_path / "run")) is None  # the final checkpoint lacks a score table: not complete
+    (last / "scores_train.csv").write_text("")
+    assert ended_run(str(tmp_path / "run")) == ({"epoch": 2, "sel_auc": 0.7}, str(last))
+    failed = checkpoint("checkpoint_2026-01-01_00-00-03.000000", {"failed.json": json.dumps({"reason": "nan", "epoch": 3})})
+    metrics, where = ended_run(str(tmp_path / "run"))
+    assert metrics["failed"] == "nan" and metrics["epoch"] == 3 and where == str(failed)
