@@ -244,7 +244,8 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     import ray.tune
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raysd.tune_optuna import ResumableOptunaSearch
 
     # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
     # empty request, so it holds a token CPU share (see init_ray for the local case).
@@ -259,7 +260,7 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration
     if any(isinstance(v, dict) for v in search.space.values()):
         url = optuna_storage_url(job.experiment, job.study, optuna_url)
-        searcher = OptunaSearch(
+        searcher = ResumableOptunaSearch(
             metric=preset.metric, mode=preset.mode, study_name=job.study,
             storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
         )

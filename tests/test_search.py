@@ -102,6 +102,13 @@ def _search_cmd(preset: Path, root: Path, tmp_path: Path, *extra: str) -> list[s
             "--results-dir", str(tmp_path / "results"), *extra]
 
 
+def _story(proc: subprocess.CompletedProcess) -> str:
+    """What a failed search said: its own lines and errors, then the tail of its output."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    said = [ln for ln in lines if "[raysd]" in ln or "Error" in ln or "error:" in ln]
+    return "\n".join(said[-60:]) + "\n---\n" + "\n".join(lines[-40:])
+
+
 def _records(exp: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for f in sorted((exp / "trials").glob("*/*.json")):
@@ -139,7 +146,7 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
     assert 1 <= sum(len(v) for v in before.values()) < 8
 
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    assert done.returncode == 0, _story(done)
     records = _records(exp)
     assert sorted(records) == ["fan__conv_ae", "fan__dense_ae", "valve__conv_ae", "valve__dense_ae"]
     for study, rs in records.items():
@@ -332,3 +339,40 @@ def test_ended_run_reads_the_newest_complete_final_checkpoint(tmp_path: Path) ->
     failed = checkpoint("checkpoint_2026-01-01_00-00-03.000000", {"failed.json": json.dumps({"reason": "nan", "epoch": 3})})
     metrics, where = ended_run(str(tmp_path / "run"))
     assert metrics["failed"] == "nan" and metrics["epoch"] == 3 and where == str(failed)
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_searcher_resumed_behind_its_optuna_storage_keeps_going(tmp_path: Path, resumable: bool) -> None:
+    """Tune's snapshot of the searcher predates Optuna finishing the trial (the driver stopped in between);
+    the resumed searcher gets the trial's result again and must not end the study over it."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysd.tune_optuna import ResumableOptunaSearch
+
+    cls = ResumableOptunaSearch if resumable else OptunaSearch
+
+    def searcher() -> OptunaSearch:
+        return cls(space={"lr": tune.loguniform(1e-4, 1e-2)}, metric="sel_auc", mode="max", study_name="s",
+                   storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}"))
+
+    first = searcher()
+    assert "lr" in first.suggest("t1")
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t1 still running
+    result = {"sel_auc": 0.7, "training_iteration": 1}
+    first.on_trial_result("t1", result)
+    first.on_trial_complete("t1", result)
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    if not resumable:
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            resumed.on_trial_result("t1", result)
+        return
+    resumed.on_trial_result("t1", result)
+    resumed.on_trial_complete("t1", result)
+    assert "lr" in resumed.suggest("t2")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    assert study.trials[0].value == 0.7
