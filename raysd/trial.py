@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 
 from raysd import storage
-from raysd.storage import FAILED_FILE, STATE_FILE, TRIAL_FILE
 from raysd.data.features import FeatureSpec
 from raysd.families.base import ClipSet, get_family
 from raysd.presets import split_hp
+from raysd.storage import FAILED_FILE, STATE_FILE, TRIAL_FILE
 from raysd.train import NonFiniteLoss, Trainer, shard_indices
 
 TRAIN_POLL_S = "0.5"
@@ -229,8 +229,9 @@ def train_worker(cfg: dict) -> None:
             if ended is None:
                 trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
         if ended is not None:
-            # The driver stopped after this run's last report but before Tune recorded it: report it again
-            # (without a new checkpoint, so the trial keeps its checkpoint) for Tune to complete the trial.
+            # Restored into a run that had already ended (the trial driver normally sees this first, in
+            # ended_run, and starts no workers): report its last result again, without a new checkpoint,
+            # so that Tune completes the trial.
             ray.train.report(ended)
             return
     else:
