@@ -137,18 +137,6 @@ def failure_metrics(reason: str, epoch: int) -> dict[str, Any]:
             **{k: nan for k in ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")}}
 
 
-def ended_metrics(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """The last report of a run whose checkpoint shows it had already ended (finished or failed), else None."""
-    failed = checkpoint_dir / FAILED_FILE
-    if failed.exists():
-        info = json.loads(failed.read_text())
-        return failure_metrics(info["reason"], info["epoch"])
-    trial = checkpoint_dir / TRIAL_FILE
-    if trial.exists():
-        return json.loads(trial.read_text()).get("final_metrics")
-    return None
-
-
 def ended_run(run_dir: str) -> tuple[dict[str, Any], str] | None:
     """The last report and checkpoint of a Train run that has already ended (finished or failed), read from
     its newest checkpoint in storage; None when there is none or it is not a complete final one."""
@@ -223,17 +211,9 @@ def train_worker(cfg: dict) -> None:
     trainer = Trainer(family, hp, study.info, device, wrap=ray.train.torch.prepare_model)
     nodes = sorted(set(_gather(ray.get_runtime_context().get_node_id(), world)))
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # never a run that had ended: run_trial reports those itself (ended_run)
         with ckpt.as_directory() as d:
-            ended = ended_metrics(Path(d))
-            if ended is None:
-                trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
-        if ended is not None:
-            # Restored into a run that had already ended (the trial driver normally sees this first, in
-            # ended_run, and starts no workers): report its last result again, without a new checkpoint,
-            # so that Tune completes the trial.
-            ray.train.report(ended)
-            return
+            trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
     else:
         trainer.before_training(train_full)
 

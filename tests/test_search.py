@@ -241,19 +241,6 @@ def test_trial_restarted_after_its_last_report_completes_without_training_again(
     assert record["metrics"]["epoch"] == 1
 
 
-def test_ended_metrics_reads_a_finished_or_failed_checkpoint(tmp_path: Path) -> None:
-    from raysd.trial import ended_metrics, failure_metrics
-
-    assert ended_metrics(tmp_path) is None
-    (tmp_path / "trial.json").write_text(json.dumps({"epoch": 1, "final_metrics": None}))
-    assert ended_metrics(tmp_path) is None  # a mid-run checkpoint: the run resumes training
-    (tmp_path / "trial.json").write_text(json.dumps({"epoch": 2, "final_metrics": {"epoch": 2, "sel_auc": 0.75}}))
-    assert ended_metrics(tmp_path) == {"epoch": 2, "sel_auc": 0.75}
-    (tmp_path / "failed.json").write_text(json.dumps({"reason": "loss is nan", "epoch": 1}))
-    ended = ended_metrics(tmp_path)
-    assert ended["failed"] == "loss is nan" and ended.keys() == failure_metrics("x", 1).keys()
-
-
 def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
     import pandas as pd
 
