@@ -4,10 +4,13 @@ and numerically safe helpers (float32 islands inside autocast, Gaussian statisti
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from raysd.families.base import ClipSet
 
 
 class Standardize(nn.Module):
@@ -144,3 +147,11 @@ class GaussianStats(nn.Module):
         with no_autocast(z):
             zc = z.float() - self.mean
             return ((zc @ self.precision) * zc).sum(dim=1)
+
+
+class StandardizedInput:
+    """Family mixin for models whose input passes through ``model.norm`` (a ``Standardize``): fits it on
+    the worker's training clips before the first epoch."""
+
+    def before_training(self, model: nn.Module, data: "ClipSet") -> None:
+        model.norm.fit(data.clips)

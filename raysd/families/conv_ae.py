@@ -22,7 +22,7 @@ from torch import nn
 
 from raysd.data.views import View
 from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import GaussianStats, Standardize
+from raysd.families.blocks import GaussianStats, Standardize, StandardizedInput
 
 CHANNELS = (16, 32, 64, 128)
 
@@ -86,7 +86,7 @@ class ConvAE(nn.Module):
 
 
 @register
-class ConvAEFamily(Family):
+class ConvAEFamily(StandardizedInput, Family):
     name = "conv_ae"
     Config = ConvAEConfig
     description = "Rajani (2022) conv autoencoder with max-unpooling; score = reconstruction or Mahalanobis"
@@ -96,9 +96,6 @@ class ConvAEFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         return ConvAE(info.n_mels, self.view().window_length(info.n_frames), self.hp.bottleneck)
-
-    def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         recon, target, _ = model(batch.x)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import Standardize, dense_stack
+from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DenseAE(nn.Module):
 
 
 @register
-class DenseAEFamily(Family):
+class DenseAEFamily(StandardizedInput, Family):
     name = "dense_ae"
     Config = DenseAEConfig
     description = "DCASE 2020 baseline dense autoencoder on 5-frame vectors; score = mean reconstruction MSE"
@@ -61,9 +61,6 @@ class DenseAEFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         return DenseAE(self.hp.frames * info.n_mels, self.hp)
-
-    def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         recon, target = model(batch.x)

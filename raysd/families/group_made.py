@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import Standardize, no_autocast
+from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.blocks import Standardize, StandardizedInput, no_autocast
 
 
 @dataclass
@@ -90,7 +90,7 @@ def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, t: torch.Tensor, min_
 
 
 @register
-class GroupMADEFamily(Family):
+class GroupMADEFamily(StandardizedInput, Family):
     name = "group_made"
     Config = GroupMADEConfig
     description = "Giri et al. (2020) Group-MADE over frame vectors (one group per frame); score = NLL"
@@ -100,9 +100,6 @@ class GroupMADEFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         return GroupMADE(self.hp.frames * info.n_mels, info.n_mels, self.hp)
-
-    def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         mean, logvar, t = model(batch.x)

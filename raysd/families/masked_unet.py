@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import Standardize, UNet
+from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.blocks import Standardize, StandardizedInput, UNet
 
 
 @dataclass
@@ -99,7 +99,7 @@ def masked_error(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
 
 
 @register
-class MaskedUNetFamily(Family):
+class MaskedUNetFamily(StandardizedInput, Family):
     name = "masked_unet"
     Config = MaskedUNetConfig
     description = "Hauser et al. (2023) masked-patch U-Net; score = masked error averaged over K masks"
@@ -109,9 +109,6 @@ class MaskedUNetFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         return MaskedUNet(info.n_mels, self.view().window_length(info.n_frames), self.hp)
-
-    def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
 
     def mask_layout(self, x: torch.Tensor) -> tuple[tuple[int, int], int]:
         """(patch grid, number of masked patches) for windows ``x`` (B, 1, M, T)."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from raysd.data.views import View
 from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import Standardize
+from raysd.families.blocks import Standardize, StandardizedInput
 
 CHANNELS = (32, 64, 128, 256)
 DROPOUT = (0.0, 0.2, 0.3, 0.3)
@@ -119,7 +119,7 @@ class SVDDAE(nn.Module):
 
 
 @register
-class SVDDAEFamily(Family):
+class SVDDAEFamily(StandardizedInput, Family):
     name = "svdd_ae"
     Config = SVDDAEConfig
     description = "Juros et al. conv autoencoder with a Deep SVDD centre loss; score = distance to the centre"
@@ -134,7 +134,7 @@ class SVDDAEFamily(Family):
     @torch.no_grad()
     def before_training(self, model: nn.Module, data: ClipSet) -> None:
         """Fit the input standardisation, then fix the centre(s) from one pass of the initial encoder."""
-        model.norm.fit(data.clips)
+        super().before_training(model, data)
         k = model.centre.shape[0]
         total = torch.zeros_like(model.centre, dtype=torch.float64)
         n = torch.zeros(k, dtype=torch.float64, device=total.device)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
-from raysd.families.blocks import Standardize, dense_stack
+from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 
 
 @dataclass
@@ -68,7 +68,7 @@ def per_window_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
 
 
 @register
-class VAEFamily(Family):
+class VAEFamily(StandardizedInput, Family):
     name = "vae"
     Config = VAEConfig
     description = "dense VAE on frame vectors; score = reconstruction error or negative ELBO"
@@ -78,9 +78,6 @@ class VAEFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         return VAE(self.hp.frames * info.n_mels, self.hp)
-
-    def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         recon, target, mu, logvar = model(batch.x)
