@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from raysd import storage
+from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, load_preset, tune_space
 from raysd.trial import StudyJob, run_trial
 
 
 DRIVER_CPU = 0.001
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster YAML as the launcher leaves it on the head
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYSD_CACHE", Path.home() / ".cache" / "raysd")).expanduser()
 
 
 class SearchError(RuntimeError):
