@@ -10,7 +10,8 @@ Checks, in order, and prints one line each:
 - the feature cache directory: writable, and its free space.
 
 Exit 0 when all is well (warnings allowed), 1 with the reason when something is broken. ``--quick``
-checks the imports only (what ``.ci/run`` and ``scripts/lock.sh`` run right after installing).
+checks the imports only (what ``.ci/run`` and ``scripts/lock.sh`` run right after installing);
+``--require-cuda`` also fails without a CUDA device (the cluster's GPU nodes run it in their setup).
 """
 
 from __future__ import annotations
@@ -112,11 +113,14 @@ def check_torchaudio() -> Check:
         return Check("log-mel", False, f"torchaudio cannot compute features: {_first_line(e)}")
 
 
-def check_cuda() -> Check:
+def check_cuda(required: bool = False) -> Check:
     import torch
 
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+        if required:
+            return Check("cuda", False, f"torch (built for {build}) sees no CUDA device: check the NVIDIA driver "
+                                        "(`nvidia-smi`; a CUDA 13 build needs driver 580 or newer)")
         return Check("cuda", True, f"no CUDA device (torch built for {build}): trials run on "
                                    "CPU; pass --gpus-per-worker 0 to presets that ask for GPUs", warning=True)
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -164,13 +168,15 @@ def check_cache(cache: Path) -> Check:
     return Check("cache", True, detail)
 
 
-def run(quick: bool, cache: Path, out=sys.stdout) -> int:
+def run(quick: bool, cache: Path, require_cuda: bool = False, out=sys.stdout) -> int:
     print(f"raysd doctor: Python {sys.version.split()[0]} at {sys.executable}", file=out)
     tested = tested_versions()
     checks = check_imports(tested)
     steps: list[tuple[set[str], Callable[[], Check]]] = [({"torch", "torchaudio"}, check_torchaudio)]
+    if require_cuda or not quick:
+        steps.append(({"torch"}, lambda: check_cuda(required=require_cuda)))
     if not quick:
-        steps += [({"torch"}, check_cuda), ({"ray.tune"}, check_ray), (set(), lambda: check_cache(cache))]
+        steps += [ ({"ray.tune"}, check_ray), (set(), lambda: check_cache(cache))]
     imported = {c.name for c in checks if c.ok}
     for needs, step in steps:
         if needs <= imported:  # otherwise the failed import is already the finding
@@ -179,8 +185,9 @@ def run(quick: bool, cache: Path, out=sys.stdout) -> int:
         print(c.line(), file=out, flush=True)
     failed = [c.name for c in checks if not c.ok]
     if failed:
-        print(f"raysd doctor: broken: {', '.join(failed)}. Reinstall the tested set: "
-              f"pip install -c {CONSTRAINTS.name} -e .", file=out)
+        fix = (f" Reinstall the tested set: pip install -c {CONSTRAINTS.name} -e ."
+               if set(failed) & (set(HEAVY) | {"log-mel"}) else "")
+        print(f"raysd doctor: broken: {', '.join(failed)}.{fix}", file=out)
         return 1
     print("raysd doctor: ready" + (" (imports only; run without --quick for CUDA, Ray and the cache)" if quick else ""),
           file=out)
@@ -190,10 +197,11 @@ def run(quick: bool, cache: Path, out=sys.stdout) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raysd.doctor", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="check the imports only (no CUDA, Ray or cache checks)")
+    p.add_argument("--require-cuda", action="store_true", help="fail when torch sees no CUDA device (GPU nodes)")
     p.add_argument("--cache-dir", help="feature cache to check (default $RAYSD_CACHE or ~/.cache/raysd)")
     args = p.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    return run(args.quick, cache)
+    return run(args.quick, cache, require_cuda=args.require_cuda)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ study cannot starve another.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from typing import Any
 
 from raysd import storage
 from raysd.paths import default_cache_dir
-from raysd.presets import Preset, PresetError, load_preset, tune_space
+from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
 from raysd.trial import StudyJob, run_trial
 
 
@@ -30,6 +32,10 @@ BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster YAML as th
 
 class SearchError(RuntimeError):
     """A search that cannot start, with what to do about it."""
+
+
+class NoDataError(SearchError):
+    """A preset for real data was run without a data root."""
 
 
 @dataclass
@@ -55,7 +61,7 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
     synthetic = preset.dataset.get("synthetic")
     if not synthetic:
         env = preset.dataset.get("root_env", "a data root")
-        raise SearchError(
+        raise NoDataError(
             f"preset '{preset.name}' needs real data: pass --data-root DIR or set {env}.\n"
             f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR "
             f"(it prints the --data-root to pass)\n"
@@ -94,9 +100,8 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
         from raysd.families.base import make_config
 
         study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
-    storage_path = args.storage_path or str(Path("experiments").resolve())
-    experiment = storage.join(storage_path, args.name or preset.name)
-    res = preset.resources
+    experiment = experiment_path(preset, args)
+    res = resources(preset, args)
     studies, num_samples = [], {}
     for mt in wanted:
         for fam in families:
@@ -104,23 +109,62 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
             studies.append(StudyJob(
                 study=name, family=fam, machine_type=mt, catalog=catalog.table, data_root=str(root),
                 layout=catalog.layout, spec=preset.features.to_dict(), rule=preset.rule, metric=preset.metric,
-                cache_dir=str(cache_dir), experiment=experiment, workers=args.workers or res.workers,
+                cache_dir=str(cache_dir), experiment=experiment, workers=res.workers,
                 use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
                 max_failures=preset.max_failures, study_table=study_table))
             num_samples[name] = args.num_samples or preset.families[fam].num_samples
     return Plan(preset, experiment, root, catalog.layout, catalog, studies, num_samples)
 
 
-def print_plan(plan: Plan, epochs: dict[str, int]) -> None:
-    res = plan.preset.resources
+def experiment_path(preset: Preset, args: argparse.Namespace) -> str:
+    """The experiment's folder or URI; a local path is made absolute (Ray Tune's storage needs one)."""
+    base = args.storage_path or "experiments"
+    if not storage.is_remote(base):
+        base = str(Path(base).expanduser().resolve())
+    return storage.join(base, args.name or preset.name)
+
+
+def resources(preset: Preset, args: argparse.Namespace) -> Resources:
+    """The preset's resources per trial with the command line's overrides."""
+    res = dataclasses.replace(preset.resources, **{k: v for k, v in (
+        ("workers", args.workers), ("cpus_per_worker", args.cpus_per_worker),
+        ("gpus_per_worker", args.gpus_per_worker)) if v is not None})
+    if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
+        raise SearchError(f"invalid resources per trial: {res.workers} worker(s) x {res.cpus_per_worker:g} CPU "
+                          f"+ {res.gpus_per_worker:g} GPU (--workers >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0)")
+    if res.workers > 1 and 0 < res.gpus_per_worker < 1:
+        raise SearchError("fractional --gpus-per-worker is only allowed for single-worker trials (DDP needs whole GPUs)")
+    return res
+
+
+def per_trial_text(res: Resources) -> str:
+    return f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU" + (f" + {res.gpus_per_worker:g} GPU" if res.use_gpu else "")
+
+
+def print_plan(plan: Plan, epochs: dict[str, int], res: Resources) -> None:
     print(f"preset {plan.preset.name} ({plan.preset.path}); data {plan.data_root} [{plan.layout}], "
           f"{len(plan.catalog.table)} clips; experiment {plan.experiment}")
     print(f"metric {plan.preset.metric} ({plan.preset.mode}), rule {plan.preset.rule}, scheduler {plan.preset.scheduler.type}")
     print(f"{'study':40s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for s in plan.studies:
-        per = f"{s.workers} worker(s) x {res.cpus_per_worker:g} CPU" + (f" + {res.gpus_per_worker:g} GPU" if s.use_gpu else "")
-        print(f"{s.study:40s} {plan.num_samples[s.study]:6d} {epochs[s.family]:6d}  {per}")
+        print(f"{s.study:40s} {plan.num_samples[s.study]:6d} {epochs[s.family]:6d}  {per_trial_text(res)}")
     print(f"total: {len(plan.studies)} studies, {plan.trials_total()} trials")
+
+
+def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: dict[str, int], res: Resources) -> None:
+    """The part of the plan a preset fixes; the machine types, and so the studies, come from the data."""
+    families = args.families or list(preset.families)
+    types = args.machine_types or preset.machine_types
+    print(f"preset {preset.name} ({preset.path}); no data root: the machine types come from the data "
+          + (f"(only {', '.join(types)})" if types else "(every type found there)") + "; one study per machine type and family")
+    print(f"metric {preset.metric} ({preset.mode}), rule {preset.rule}, scheduler {preset.scheduler.type}; "
+          f"experiment {experiment_path(preset, args)}")
+    print(f"{'family':40s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    for fam in families:
+        trials = args.num_samples or preset.families[fam].num_samples
+        print(f"{fam:40s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
+    print(f"total per machine type: {len(families)} studies, "
+          f"{sum(args.num_samples or preset.families[f].num_samples for f in families)} trials")
 
 
 def feature_specs(plan: Plan) -> list:
@@ -149,10 +193,10 @@ def trial_resources(job: StudyJob) -> dict[str, float]:
     return {"CPU": job.workers * job.cpus_per_worker + DRIVER_CPU, "GPU": job.workers * job.gpus_per_worker if job.use_gpu else 0.0}
 
 
-def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
-    """CPUs and GPUs of the largest cluster the autoscaler may build: the head plus worker nodes up to each
-    type's ``max_workers`` and the cluster's ``max_workers``, biggest nodes first. Read from the cluster
-    launcher's config on the head node (the file Ray Tune also looks for); None when there is none."""
+def autoscaler_nodes(config_path: Path = BOOTSTRAP_CONFIG) -> list[dict[str, float]] | None:
+    """The CPUs and GPUs of every node of the largest cluster the autoscaler may build: the head plus worker
+    nodes up to each type's ``max_workers`` and the cluster's ``max_workers``, biggest nodes first. Read from
+    the cluster launcher's config on the head node (the file Ray Tune also looks for); None when there is none."""
     import yaml
 
     path = config_path.expanduser()
@@ -166,17 +210,90 @@ def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, 
                           for name, t in types.items() if name != config["head_node_type"]),
                          key=lambda rw: (rw[0].get("GPU", 0), rw[0].get("CPU", 0)), reverse=True)
         left = int(config.get("max_workers", sum(n for _, n in workers)))
+        nodes = [_cpu_gpu(head)]
+        for res, n in workers:
+            n = min(n, left)
+            left -= n
+            nodes += [_cpu_gpu(res)] * n
     except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as e:
         print(f"[raysd] warning: cannot read the autoscaler config {path} ({type(e).__name__}: {e}); "
               "sizing concurrency from the nodes present now", file=sys.stderr)
         return None
-    total = {k: float(head.get(k, 0)) for k in ("CPU", "GPU")}
-    for res, n in workers:
-        n = min(n, left)
-        left -= n
-        for k in total:
-            total[k] += n * float(res.get(k, 0))
-    return total
+    return nodes
+
+
+def _cpu_gpu(resources: dict) -> dict[str, float]:
+    return {k: float(resources.get(k, 0)) for k in ("CPU", "GPU")}
+
+
+def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
+    """Total CPUs and GPUs of :func:`autoscaler_nodes`; None without an autoscaler config."""
+    nodes = autoscaler_nodes(config_path)
+    if nodes is None:
+        return None
+    return {k: sum(n[k] for n in nodes) for k in ("CPU", "GPU")}
+
+
+def present_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [_cpu_gpu(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def _workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]) -> int:
+    """How many workers of ``per_worker`` (one bundle each, never split across nodes) the nodes hold at once,
+    next to the trial driver's token CPU share on one of them."""
+    need = {k: v for k, v in per_worker.items() if v > 0}
+
+    def held(node: dict[str, float]) -> int:
+        return min(int(node[k] / v + 1e-9) for k, v in need.items()) if need else 1
+
+    counts = [held(n) for n in nodes]
+    with_driver = [held({**n, "CPU": n["CPU"] - DRIVER_CPU}) - c for n, c in zip(nodes, counts) if n["CPU"] >= DRIVER_CPU]
+    return sum(counts) + max(with_driver, default=-sum(counts))
+
+
+def infeasible_reason(job: StudyJob, nodes: list[dict[str, float]], autoscaling: bool) -> str | None:
+    """Why no cluster of ``nodes`` can ever run a trial of ``job``, with the override that fixes it; None
+    when it can. Each DDP worker is one bundle (its CPUs and GPUs on one node); the trial's driver takes a
+    token CPU share anywhere."""
+    gpus = job.gpus_per_worker if job.use_gpu else 0.0
+    per_worker = {"CPU": job.cpus_per_worker, "GPU": gpus}
+    if _workers_that_fit(nodes, per_worker) >= job.workers:
+        return None
+    where = "no node this cluster has or its autoscaler may add" if autoscaling else "no node of this cluster"
+    most_gpu = max((n["GPU"] for n in nodes), default=0.0)
+    asks = (f"study {job.study} asks for {job.workers} worker(s) x {job.cpus_per_worker:g} CPU"
+            + (f" + {gpus:g} GPU" if gpus else ""))
+    if gpus and most_gpu == 0:
+        return (f"{asks}, but {where} has a GPU. Train on CPU with --gpus-per-worker 0 "
+                "(and --cpus-per-worker N to size each worker), or attach a cluster with GPUs")
+    if gpus and most_gpu < gpus:
+        return f"{asks}, but {where} has more than {most_gpu:g} GPU(s). Pass --gpus-per-worker {most_gpu:g}"
+    fit = _workers_that_fit(nodes, per_worker)
+    if fit == 0:
+        able = [n for n in nodes if n["GPU"] >= gpus]
+        most_cpu = max((n["CPU"] for n in able), default=0.0)
+        options = {float(int(n["CPU"] - d)) for n in able for d in (0.0, DRIVER_CPU)} - {0.0}
+        cpus = max((c for c in options if _workers_that_fit(nodes, {"CPU": c, "GPU": gpus}) >= 1), default=None)
+        kind = "node with a GPU" if gpus else "node"
+        return (f"{asks}, but the largest {kind} has {most_cpu:g} CPU(s)"
+                + (", one share of which the trial's driver needs" if most_cpu >= job.cpus_per_worker else "")
+                + (f". Pass --cpus-per-worker {cpus:g} (or fewer)" if cpus else ""))
+    return f"{asks}, but the cluster holds at most {fit} such worker(s) at once. Pass --workers {fit}"
+
+
+def check_resources(jobs: list[StudyJob], present: list[dict[str, float]],
+                    autoscaled: list[dict[str, float]] | None) -> None:
+    """Fail before any trial starts when a trial asks for what the cluster can never provide (Ray would wait
+    forever on 'No available node types can fulfill resource request'). On an autoscaling cluster, judge by
+    the largest cluster the autoscaler may build."""
+    for job in jobs:
+        reason = infeasible_reason(job, present, autoscaling=False)
+        if reason and autoscaled is not None:
+            reason = infeasible_reason(job, autoscaled, autoscaling=True)
+        if reason:
+            raise SearchError(reason + " (or --no-resource-check to wait for resources anyway).")
 
 
 def cluster_capacity(jobs: list[StudyJob], present: dict[str, float], most: dict[str, float] | None = None) -> int:
@@ -304,18 +421,21 @@ def check_storage(experiment: str, shared_fs: bool) -> None:
             "with --shared-fs).")
 
 
-def init_ray() -> None:
+def init_ray() -> bool:
+    """Attach to the job's cluster, or start a local instance; True when this call started one."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(address="auto", log_to_driver=True)  # inside `ray job submit` or an explicit cluster
+        return False
     else:
         # One extra logical CPU holds the trial drivers' token shares, so trials whose workers take every
         # core can still start. The dashboard (on 127.0.0.1) serves the State API, through which Ray Train
         # frees the workers' placement group of a trial that Tune stops early (ASHA) or kills.
         ray.init(address="local", include_dashboard=True, log_to_driver=True, num_cpus=(os.cpu_count() or 1) + 1)
+        return True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -327,6 +447,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, help="trials per study (overrides the preset)")
     p.add_argument("--epochs", type=int, help="epochs per trial (overrides the preset)")
     p.add_argument("--workers", type=int, help="DDP workers per trial (overrides the preset)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per DDP worker (overrides the preset)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per DDP worker (overrides the preset; 0 trains on CPU, e.g. a laptop without a GPU)")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="start even if no node can hold a trial's workers (wait for nodes added by other means)")
     p.add_argument("--storage-path", help="where experiments go: a folder, s3://... or gs://... (default ./experiments)")
     p.add_argument("--name", help="experiment name (default: the preset name)")
     p.add_argument("--cache-dir", help="feature cache and synthetic data (default $RAYSD_CACHE or ~/.cache/raysd)")
@@ -342,26 +467,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         preset = load_preset(args.preset)
-        plan = make_plan(preset, args)
+        res = resources(preset, args)
+        epochs = {f: args.epochs or preset.families[f].epochs for f in preset.families}
+        try:
+            plan = make_plan(preset, args)
+        except NoDataError as e:
+            if not args.dry_run:
+                raise
+            print_plan_without_data(preset, args, epochs, res)
+            print(f"note: {e}", file=sys.stderr)
+            return 0
     except (PresetError, SearchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    epochs = {f: args.epochs or preset.families[f].epochs for f in preset.families}
-    print_plan(plan, epochs)
+    print_plan(plan, epochs, res)
     if args.dry_run:
         return 0
-
-    import ray
-
-    init_ray()
+    started_ray = False
     try:
-        check_storage(plan.experiment, args.shared_fs)
+        started_ray = init_ray()
+        return run_search(plan, args, epochs)
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        print(f"\n[raysd] interrupted: {finished_summary(plan)}; nothing finished is lost. Resume with: "
+              f"{resume_command(argv)}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> int:
+    import ray
+
+    preset = plan.preset
+    check_storage(plan.experiment, args.shared_fs)
+    most = autoscaler_nodes()
+    if not args.no_resource_check:
+        check_resources(plan.studies, present_nodes(), most)
     if not storage.is_remote(plan.experiment):
         Path(plan.experiment).mkdir(parents=True, exist_ok=True)
     storage.write_json(storage.join(plan.experiment, "experiment.json"), {
@@ -370,10 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     warm_cache(plan)
 
-    most = autoscaler_max_resources()
-    capacity = cluster_capacity(plan.studies, ray.cluster_resources(), most)
-    if most is not None:
-        print(f"[raysd] autoscaling cluster: up to {most['GPU']:g} GPUs and {most['CPU']:g} CPUs "
+    most_total = autoscaler_max_resources() if most is not None else None
+    capacity = cluster_capacity(plan.studies, ray.cluster_resources(), most_total)
+    if most_total is not None:
+        print(f"[raysd] autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
               f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
     concurrency = args.concurrency or capacity
     per_study = max(1, capacity // min(concurrency, len(plan.studies)))
@@ -406,6 +558,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_leaderboard:
         run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name))
     return 1 if failures else 0
+
+
+def finished_summary(plan: Plan) -> str:
+    """Finished trials per study, from the trial records in storage (what a resumed search keeps)."""
+    counts = []
+    for job in plan.studies:
+        records = storage.list_files(storage.join(plan.experiment, "trials", job.study), ".json")
+        done = 0
+        for uri in records:
+            try:
+                done += storage.read_json(uri).get("status") == "finished"
+            except (OSError, ValueError):
+                continue
+        counts.append(f"{job.study} {done}/{plan.num_samples[job.study]}")
+    return "finished trials per study: " + ", ".join(counts)
+
+
+def resume_command(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "raysd.search", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def run_leaderboard(plan: Plan, out: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,10 +65,38 @@ def test_invalid_preset_names_file_and_key(tmp_path: Path, change: dict, key: st
     assert str(path) in msg and key in msg
 
 
-def test_missing_data_root_explains_how_to_get_data(capsys) -> None:
-    assert search.main(["dcase20", "--dry-run"]) == 2
+def test_missing_data_root_explains_how_to_get_data(tmp_path: Path, capsys) -> None:
+    assert search.main(["dcase20", "--storage-path", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err
     assert "--data-root" in err and "raysd.data.download" in err and "demo" in err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_dry_run_without_data_prints_what_the_preset_fixes(capsys) -> None:
+    """A real preset's dry run needs no data: families, trials, epochs and resources; the machine types are
+    said to come from the data, and the note says how to get it."""
+    assert search.main(["dcase20", "--dry-run", "--gpus-per-worker", "0", "--cpus-per-worker", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "machine types come from the data" in out
+    for fam in load_preset("dcase20").families:
+        assert fam in out
+    assert "dense_ae" in out and " 16 " in out and " 100 " in out  # dcase20: 16 trials of 100 epochs
+    assert "1 worker(s) x 2 CPU" in out and "GPU" not in out.split("resources per trial")[1]
+    assert "--data-root" in err and "raysd.data.download" in err
+
+
+def test_resource_overrides_reach_every_study(tiny_root: Path, tmp_path: Path, capsys) -> None:
+    args = ["dcase20", "--data-root", str(tiny_root), "--dry-run", "--cache-dir", str(tmp_path / "c"),
+            "--machine-types", "fan", "--families", "dense_ae", "conv_ae"]
+    assert search.main(args) == 0
+    assert "1 worker(s) x 4 CPU + 1 GPU" in capsys.readouterr().out  # the preset's
+    assert search.main(args + ["--gpus-per-worker", "0", "--cpus-per-worker", "1", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 worker(s) x 1 CPU\n") == 2 and "GPU\n" not in out
+    plan = search.make_plan(load_preset("dcase20"), search.parse_args(args + ["--gpus-per-worker", "0"]))
+    assert {(j.use_gpu, j.gpus_per_worker, j.cpus_per_worker) for j in plan.studies} == {(False, 0.0, 4.0)}
+    assert search.main(args + ["--workers", "2", "--gpus-per-worker", "0.5"]) == 2
+    assert "fractional --gpus-per-worker" in capsys.readouterr().err
 
 
 def test_dry_run_prints_studies_and_totals(tiny_root: Path, tmp_path: Path, capsys) -> None:
@@ -136,12 +165,19 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
                 break
             time.sleep(2)
         assert proc.poll() is None, f"search ended before it could be interrupted:\n{proc.stdout.read()}"
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    said = proc.stdout.read()
+    # like a tool, not a crash: exit 130, one line with what finished and the exact command that resumes
+    assert proc.returncode == 130, said[-5000:]
+    (line,) = [ln for ln in said.splitlines() if ln.startswith("[raysd] interrupted")]
+    assert "fan__dense_ae" in line and "valve__conv_ae" in line
+    assert line.endswith(shlex.join(["python", "-m", "raysd.search", *cmd[3:], "--resume"]))
+    assert "Traceback" not in said.split("[raysd] interrupted")[1]
     before = _records(exp)
     assert 1 <= sum(len(v) for v in before.values()) < 8
 
@@ -169,6 +205,27 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
             assert again and again[0]["checkpoint"] == r["checkpoint"]
     assert (tmp_path / "exp" / "t" / "optuna" / "fan__dense_ae.db").exists()
     assert (tmp_path / "results" / "leaderboard.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_gpu_preset_runs_on_cpu_with_the_overrides(tiny_root: Path, tmp_path: Path) -> None:
+    """The dcase20 preset asks for a GPU per worker: on this CPU-only machine the search stops before any
+    trial starts and names the override; with the overrides the same preset trains and scores."""
+    cmd = [sys.executable, "-m", "raysd.search", "dcase20", "--data-root", str(tiny_root), "--machine-types", "fan",
+           "--families", "dense_ae", "--num-samples", "1", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+           "--storage-path", str(tmp_path / "exp"), "--no-leaderboard"]
+    refused = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, _story(refused)
+    assert "no node of this cluster has a GPU" in refused.stderr and "--gpus-per-worker 0" in refused.stderr
+    assert not (tmp_path / "exp" / "dcase20" / "trials").exists()
+    assert not (tmp_path / "cache").exists()  # refused before filling the feature cache
+
+    done = subprocess.run(cmd + ["--gpus-per-worker", "0", "--cpus-per-worker", "1"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, _story(done)
+    (record,) = _records(tmp_path / "exp" / "dcase20")["fan__dense_ae"]
+    assert record["status"] == "finished" and record["gpus"] == 0
+    assert 0.0 <= record["metrics"]["sel_auc"] <= 1.0
 
 
 @pytest.mark.slow
@@ -247,6 +304,38 @@ def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
     return search.StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",
                            layout="dcase2020", spec={}, rule="2020", metric="sel_auc", cache_dir=".", experiment=".",
                            workers=workers, use_gpu=gpus > 0, cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+
+def test_a_trial_no_node_can_hold_is_refused_with_the_override_that_fixes_it() -> None:
+    laptop = [{"CPU": 3.0, "GPU": 0.0}]  # the local instance on 2 cores: one extra CPU for trial drivers
+    reason = search.infeasible_reason(_job(1, 1.0, cpus=4.0), laptop, autoscaling=False)
+    assert "has a GPU" in reason and "--gpus-per-worker 0" in reason
+    reason = search.infeasible_reason(_job(1, 0.0, cpus=4.0), laptop, autoscaling=False)
+    assert "largest node has 3 CPU" in reason and "--cpus-per-worker 2" in reason
+    reason = search.infeasible_reason(_job(4, 0.0, cpus=1.0), laptop, autoscaling=False)
+    assert "--workers 2" in reason  # the third CPU holds the trial driver's share
+    assert search.infeasible_reason(_job(2, 0.0, cpus=1.0), laptop, autoscaling=False) is None
+    gpu_node = [{"CPU": 8.0, "GPU": 2.0}]
+    assert "--gpus-per-worker 2" in search.infeasible_reason(_job(1, 4.0, cpus=1.0), gpu_node, autoscaling=False)
+    # a worker's CPUs and GPUs come from one node: two nodes of 4 CPU cannot hold an 8-CPU worker (the driver's
+    # share fits on the other node, so 4 CPUs per worker do)
+    assert "--cpus-per-worker 4" in search.infeasible_reason(_job(1, 0.0, cpus=8.0), [{"CPU": 4.0, "GPU": 0.0}] * 2,
+                                                               autoscaling=False)
+    with pytest.raises(search.SearchError, match="--no-resource-check"):
+        search.check_resources([_job(1, 1.0, cpus=4.0)], laptop, None)
+
+
+def test_an_autoscaling_cluster_is_judged_by_what_it_may_add() -> None:
+    """The A100 cluster starts as a CPU-less, GPU-less head: one-GPU trials are not refused, since the
+    autoscaler may add 8-GPU nodes; a trial asking for more than any node type has still is."""
+    head_only = [{"CPU": 0.0, "GPU": 0.0}]
+    most = search.autoscaler_nodes(REPO / "clusters" / "aws-a100.yaml")
+    assert most is not None and len(most) == 5 and max(n["GPU"] for n in most) == 8
+    search.check_resources([_job(1, 1.0, cpus=4.0), _job(8, 1.0, cpus=8.0)], head_only, most)
+    with pytest.raises(search.SearchError, match="may add"):
+        search.check_resources([_job(1, 16.0, cpus=4.0)], head_only, most)
+    with pytest.raises(search.SearchError, match="has a GPU"):
+        search.check_resources([_job(1, 1.0, cpus=4.0)], head_only, None)
 
 
 def test_capacity_of_an_autoscaling_cluster_comes_from_its_config(tmp_path: Path) -> None:
@@ -363,3 +452,10 @@ def test_searcher_resumed_behind_its_optuna_storage_keeps_going(tmp_path: Path, 
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     assert study.trials[0].value == 0.7
+
+
+def test_the_trial_driver_needs_its_cpu_share_too() -> None:
+    """A worker that takes every CPU of the only node leaves none for the trial's driver: Ray would wait."""
+    assert "--cpus-per-worker 2" in search.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}],
+                                                               autoscaling=False)
+    assert search.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}] * 2, autoscaling=False) is None
