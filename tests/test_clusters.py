@@ -172,6 +172,12 @@ def test_cluster_yaml_is_safe_by_default(cloud):
     setup = "\n".join(config["setup_commands"])
     assert "python -m raysd.data.download dcase20 --dest /mnt/local" in setup
     assert "export RAYSD_CACHE=/mnt/local/" in setup and "RAYSD_DCASE20_ROOT=/mnt/local/dcase2020" in setup
+    # every node installs the tested set, not open ranges, and checks it; GPU nodes check that torch sees the GPUs
+    assert config["file_mounts"]["~/raysd/constraints.txt"] == "./constraints.txt"
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "raysd" in c]
+    assert installs and all("-c ~/raysd/constraints.txt" in c and ">=" not in c for c in installs)
+    assert "--python 3.11" in setup and "python -m raysd.doctor --quick" in setup
+    assert any("raysd.doctor --quick --require-cuda" in c for c in config["worker_setup_commands"])
     assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|private_key", text)
     # only small parts of the checkout are copied, and they exist
     for remote, local in config["file_mounts"].items():
