@@ -77,8 +77,11 @@ def _normalise(name: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The exception's first line, and its cause's (a library that fails to load says why only there)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = f"{type(e).__name__}: {text[0] if text else ''}"
+    cause = e.__cause__ or e.__context__
+    return line + (f" ({_first_line(cause)})" if cause is not None and cause is not e else "")
 
 
 def check_imports(tested: dict[str, str]) -> list[Check]:

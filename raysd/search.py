@@ -229,8 +229,10 @@ def _cpu_gpu(resources: dict) -> dict[str, float]:
 def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
     """Total CPUs and GPUs of :func:`autoscaler_nodes`; None without an autoscaler config."""
     nodes = autoscaler_nodes(config_path)
-    if nodes is None:
-        return None
+    return None if nodes is None else total_resources(nodes)
+
+
+def total_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(n[k] for n in nodes) for k in ("CPU", "GPU")}
 
 
@@ -522,7 +524,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
         "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     warm_cache(plan)
 
-    most_total = autoscaler_max_resources() if most is not None else None
+    most_total = total_resources(most) if most is not None else None
     capacity = cluster_capacity(plan.studies, ray.cluster_resources(), most_total)
     if most_total is not None:
         print(f"[raysd] autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
