@@ -23,7 +23,7 @@ from typing import Any
 from raysd import storage
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
-from raysd.trial import StudyJob, run_trial
+from raysd.trial import StudyJob, ended_run, run_trial
 
 
 DRIVER_CPU = 0.001
@@ -563,18 +563,15 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
 
 
 def finished_summary(plan: Plan) -> str:
-    """Finished trials per study, from the trial records in storage (what a resumed search keeps)."""
+    """Trials per study whose Train run ended (a final or failure checkpoint in storage): what a resumed
+    search will not run again. Trial records are not enough: Tune ends a trial that ASHA stops at its last
+    epoch before the trial's driver writes one."""
     counts = []
     for job in plan.studies:
-        records = storage.list_files(storage.join(plan.experiment, "trials", job.study), ".json")
-        done = 0
-        for uri in records:
-            try:
-                done += storage.read_json(uri).get("status") == "finished"
-            except (OSError, ValueError):
-                continue
+        runs = {f.rsplit("/checkpoint_", 1)[0] for f in storage.list_files(job.train_storage) if "/checkpoint_" in f}
+        done = sum(ended_run(run) is not None for run in runs)
         counts.append(f"{job.study} {done}/{plan.num_samples[job.study]}")
-    return "finished trials per study: " + ", ".join(counts)
+    return "trials done per study: " + ", ".join(counts)
 
 
 def resume_command(argv: list[str]) -> str:
