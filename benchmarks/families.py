@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 
 from raysd.families import REGISTRY
-from raysd.families.base import Batch, ClipSet, DataInfo, TrainHP
+from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import TrainHP
 from raysd.train import Trainer, make_optimizer
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
-from raysd.families.base import TrainHP, config_fields, get_family, make_config
+from raysd.families.base import get_family
+from raysd.families.hparams import TrainHP, config_fields, make_config
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -278,12 +279,3 @@ def tune_space(search: FamilySearch) -> dict[str, Any]:
             out[key] = entry
     out["epochs"] = search.epochs
     return out
-
-
-def split_hp(family: str, params: dict[str, Any]) -> tuple[TrainHP, Any]:
-    """Trial parameters -> (TrainHP, the family's Config)."""
-    cls = get_family(family)
-    shared = config_fields(TrainHP)
-    hp = make_config(TrainHP, {k: v for k, v in params.items() if k in shared}, f"trial of {family}")
-    cfg = make_config(cls.Config, {k: v for k, v in params.items() if k not in shared}, f"trial of {family}")
-    return hp, cfg

@@ -91,7 +91,7 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     study_table = None
     if preset.heldout:
         from raysd.data.heldout import HeldoutConfig, assign
-        from raysd.families.base import make_config
+        from raysd.families.hparams import make_config
 
         study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
     storage_path = args.storage_path or str(Path("experiments").resolve())

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from raysd.families import REGISTRY
-from raysd.families.base import ClipSet, DataInfo, Family, TrainHP, make_config
+from raysd.families.base import Family
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import make_config, TrainHP
 from raysd.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -135,7 +135,7 @@ def _walk(root: Path):
         yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
 
 
-def _find_audio(root: Path) -> list[Path]:
+def find_audio(root: Path) -> list[Path]:
     """Audio files under ``root``, sorted; hidden files and folders (e.g. macOS ``._*`` forks) are ignored."""
     return [d / f for d, files in _walk(root) for f in files if os.path.splitext(f)[1].lower() in AUDIO_SUFFIXES]
 
@@ -225,7 +225,7 @@ class Catalog:
         if not root.is_dir():
             raise _error(f"data root {root} is not a folder.")
         root = Path(_abs(root))
-        files = _find_audio(root)
+        files = find_audio(root)
         if not files:
             raise _error(f"data root {root} holds no audio files (.wav or .flac).")
 

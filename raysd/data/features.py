@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from raysd.data import audio
+
 CROP_VARIANTS: dict[str, tuple[int, tuple[int, int] | None]] = {
     "none": (64, None),
     "crop": (128, (64, 128)),
@@ -414,8 +416,6 @@ def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device |
     (the caller's setting is untouched), which avoids OpenMP oversubscription and keeps small batches
     in cache. A clip that cannot be decoded is appended to ``failed`` and left out.
     """
-    from raysd.data import audio
-
     device = resolve_device(device)
     cuda = device.type == "cuda"
     batch_size = batch_size or (256 if cuda else 4)  # small CPU batches stay in cache

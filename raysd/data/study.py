@@ -16,7 +16,7 @@ import torch
 
 from raysd.data.features import FeatureSpec, FeatureStore
 from raysd.data.views import View
-from raysd.families.base import ClipSet, DataInfo
+from raysd.families.clips import ClipSet, DataInfo
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Model families. Each family is one module here, registered by ``@register``; one import line each."""
 
-from raysd.families.base import REGISTRY, Family, get_family, register  # noqa: F401
+from raysd.families.base import REGISTRY, Family, create_family, get_family, register  # noqa: F401
 
 # registry: one line per family
 import raysd.families.dense_ae  # noqa: F401,E402

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from raysd.families.base import ClipSet
+    from raysd.families.clips import ClipSet
 
 MixMode = Literal["pre_log", "post_log"]
 LambdaDist = Literal["uniform", "beta"]

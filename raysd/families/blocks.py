@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from raysd.families.base import ClipSet
+    from raysd.families.clips import ClipSet
 
 
 class Standardize(nn.Module):

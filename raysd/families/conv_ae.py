@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.blocks import GaussianStats, Standardize, StandardizedInput
 
 CHANNELS = (16, 32, 64, 128)
@@ -90,9 +90,7 @@ class ConvAEFamily(StandardizedInput, Family):
     name = "conv_ae"
     Config = ConvAEConfig
     description = "Rajani (2022) conv autoencoder with max-unpooling; score = reconstruction or Mahalanobis"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+    layout = "image"
 
     def build(self, info: DataInfo) -> nn.Module:
         return ConvAE(info.n_mels, self.view().window_length(info.n_frames), self.hp.bottleneck)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 
 
@@ -55,9 +55,6 @@ class DenseAEFamily(StandardizedInput, Family):
     name = "dense_ae"
     Config = DenseAEConfig
     description = "DCASE 2020 baseline dense autoencoder on 5-frame vectors; score = mean reconstruction MSE"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
 
     def build(self, info: DataInfo) -> nn.Module:
         return DenseAE(self.hp.frames * info.n_mels, self.hp)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput, no_autocast
 
 
@@ -94,9 +94,6 @@ class GroupMADEFamily(StandardizedInput, Family):
     name = "group_made"
     Config = GroupMADEConfig
     description = "Giri et al. (2020) Group-MADE over frame vectors (one group per frame); score = NLL"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
 
     def build(self, info: DataInfo) -> nn.Module:
         return GroupMADE(self.hp.frames * info.n_mels, info.n_mels, self.hp)

@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput
 
 CHANNELS = (32, 64, 128, 256)
@@ -123,9 +123,7 @@ class SVDDAEFamily(StandardizedInput, Family):
     name = "svdd_ae"
     Config = SVDDAEConfig
     description = "Juros et al. conv autoencoder with a Deep SVDD centre loss; score = distance to the centre"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+    layout = "image"
 
     def build(self, info: DataInfo) -> nn.Module:
         n_centres = max(info.n_classes, 1) if self.hp.centres == "per_class" else 1

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysd.data.views import View
 from raysd.families.augment import recalibrate_batchnorm
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 
 class TripletNet(nn.Module):
@@ -87,41 +87,42 @@ def mine_triplets(y: torch.Tensor, clip: torch.Tensor | None = None,
     return anchor, pos[anchor], neg[anchor]
 
 
+@dataclass
+class TripletConfig:
+    emb_dim: int = 16
+    channels: tuple[int, ...] = (32, 64, 128)
+    dropout: float = 0.2
+    margin: float = 1.0
+    mining: Literal["random", "hard"] = "hard"  # batch-hard: farthest positive, nearest negative
+    normalize: bool = False  # L2-normalise embeddings
+    n_refs: int = 5  # K reference clips per ID
+    ref_seed: int = 0
+    patch_frames: int = 64
+    patch_hop: int = 32
+    precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
+
+    def validate(self) -> None:
+        if self.emb_dim < 1 or self.n_refs < 1:
+            raise ValueError(f"emb_dim and n_refs must be >= 1, got {self.emb_dim}, {self.n_refs}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.margin <= 0:
+            raise ValueError(f"margin must be > 0, got {self.margin}")
+        if self.patch_frames < 1 or self.patch_hop < 1:
+            raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
+        if self.precise_bn < 0:
+            raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+
+
 @register
-class Triplet(Family):
+class TripletFamily(Family):
     name = "triplet"
+    Config = TripletConfig
     description = "CNN patch embedding trained with a triplet margin loss; score = distance to K reference clips"
-
-    @dataclass
-    class Config:
-        emb_dim: int = 16
-        channels: tuple[int, ...] = (32, 64, 128)
-        dropout: float = 0.2
-        margin: float = 1.0
-        mining: Literal["random", "hard"] = "hard"  # batch-hard: farthest positive, nearest negative
-        normalize: bool = False  # L2-normalise embeddings
-        n_refs: int = 5  # K reference clips per ID
-        ref_seed: int = 0
-        patch_frames: int = 64
-        patch_hop: int = 32
-        precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
-
-        def validate(self) -> None:
-            if self.emb_dim < 1 or self.n_refs < 1:
-                raise ValueError(f"emb_dim and n_refs must be >= 1, got {self.emb_dim}, {self.n_refs}")
-            if not self.channels or any(c < 1 for c in self.channels):
-                raise ValueError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-            if self.margin <= 0:
-                raise ValueError(f"margin must be > 0, got {self.margin}")
-            if self.patch_frames < 1 or self.patch_hop < 1:
-                raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
-            if self.precise_bn < 0:
-                raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
-
-    def view(self) -> View:
-        return View(frames=self.hp.patch_frames, hop=self.hp.patch_hop, layout="image")
+    layout = "image"
+    window_fields = ("patch_frames", "patch_hop")
 
     def build(self, info: DataInfo) -> nn.Module:
         if info.n_classes < 2:

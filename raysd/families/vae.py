@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 
 
@@ -72,9 +72,6 @@ class VAEFamily(StandardizedInput, Family):
     name = "vae"
     Config = VAEConfig
     description = "dense VAE on frame vectors; score = reconstruction error or negative ELBO"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
 
     def build(self, info: DataInfo) -> nn.Module:
         return VAE(self.hp.frames * info.n_mels, self.hp)
