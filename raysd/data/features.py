@@ -18,8 +18,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +37,8 @@ import pandas as pd
 import torch
 
 from raysd.data import audio
+
+log = logging.getLogger(__name__)
 
 CROP_VARIANTS: dict[str, tuple[int, tuple[int, int] | None]] = {
     "none": (64, None),
@@ -226,7 +231,9 @@ class FeatureStore:
     shape ``meta['shape']`` = (clips, spec.kept_mels, spec.n_frames)), ``index.csv`` (file, offset, row)
     and ``meta.json`` (spec, keys, shape, failed clips). The folder is built under a temporary name and
     renamed when complete, so a folder with the final name is always a complete cache; a lock file
-    keeps concurrent processes from extracting the same key twice.
+    keeps concurrent processes from extracting the same key twice. The temporary name carries the writer's
+    process id and host (``.<key>.tmp-<pid>-<token>@<host>``): every open removes the temporaries whose
+    writer is no longer running on this host (a build killed mid-write leaves gigabytes otherwise).
     """
 
     def __init__(self, path: Path, spec: FeatureSpec, features: np.ndarray, index: pd.DataFrame,
@@ -261,6 +268,7 @@ class FeatureStore:
         """The store of (catalog, spec): read from the cache, or extracted (batched) and cached first."""
         root = Path(cache_dir).expanduser() / "features"
         root.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(root)
         key = cls.cache_key(catalog, spec)
         final = root / key
         store = cls._load(final, spec)
@@ -270,7 +278,7 @@ class FeatureStore:
             store = cls._load(final, spec)
             if store is not None:
                 return store
-            tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
             tmp.mkdir()
             try:
                 cls._build(tmp, catalog, spec, resolve_device(device), batch_size, workers)
@@ -371,6 +379,39 @@ class FeatureStore:
         out = np.empty((len(rows),) + self.features.shape[1:], np.float32)
         out[order] = self.features[rows[order]]
         return torch.from_numpy(out)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a zombie counts until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+_WRITER_TMP = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?:@(?P<host>.+))?$")
+
+
+def remove_dead_writers(root: Path) -> list[Path]:
+    """Remove the temporary cache folders under ``root`` whose writer process is gone; returns them.
+
+    A folder written by another host is left alone; one without a host in its name (written by an older
+    raysd) is taken to be this host's."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in root.glob(".*.tmp-*"):
+        m = _WRITER_TMP.match(tmp.name)
+        if m is None or not tmp.is_dir() or (m["host"] or host) != host or pid_alive(int(m["pid"])):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        log.info("removed %d partial feature cache folder(s) left by a writer that is no longer running, e.g. %s",
+                 len(removed), removed[0])
+    return removed
 
 
 @contextlib.contextmanager
