@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysd.data import synth
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
     from raysd.families.base import create_family
     from raysd.trial import StudyJob

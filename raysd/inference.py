@@ -31,7 +31,8 @@ def clip_embeddings(trainer: Trainer, clips: ClipSet, clips_per_batch: int = 16)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: torch.device | str = "cpu", batch_size: int = 64,
+def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: torch.device | str = "cpu",
+           batch_size: int = 64,
            score: bool = True, embed: bool = False, failed: list | None = None, workers: int | None = None
            ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
     """(positions in ``table``, anomaly scores, embeddings) batch by batch.
@@ -54,8 +55,8 @@ def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: tor
         yield ok, (trainer.score(clips) if score else None), (clip_embeddings(trainer, clips) if embed else None)
 
 
-def embed_table(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: torch.device | str = "cpu", batch_size: int = 64
-                ) -> tuple[np.ndarray | None, list]:
+def embed_table(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: torch.device | str = "cpu",
+                batch_size: int = 64) -> tuple[np.ndarray | None, list]:
     """Embeddings of every row of ``table`` (NaN rows for clips that failed to decode), and the failures."""
     failed: list = []
     out: np.ndarray | None = None

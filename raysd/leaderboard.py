@@ -49,7 +49,12 @@ from raysd.log import setup_logging
 from raysd.metrics import MetricError, write_submission
 from raysd.report.board import best_models, leaderboard_table
 from raysd.report.ensembles import (
-    Candidate, choose, ensemble_document, ensembles_for_type, ensembles_table, member_label,
+    Candidate,
+    choose,
+    ensemble_document,
+    ensembles_for_type,
+    ensembles_table,
+    member_label,
 )
 from raysd.report.experiment import LeaderboardError, load_experiment
 from raysd.report.markdown import fmt, summary_markdown
@@ -111,7 +116,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                                         notes, device)
         files += unlabelled.files
         if unlabelled.doc is not None:
-            files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE, json.dumps(unlabelled.doc, indent=2, default=str)))
+            files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE,
+                                           json.dumps(unlabelled.doc, indent=2, default=str)))
     else:
         for mt in sorted({t.machine_type for t in exp.trials}):
             trials = [t for t in exp.trials if t.machine_type == mt]
@@ -157,7 +163,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                 sign = 1 if exp.mode == "max" else -1
                 best_ens = max(multi, key=lambda c: sign * c.selection) if multi else None
                 made = [plot_roc(mt, cands[0], best_ens, out / f"roc_{mt}.png"),
-                        plot_ensemble_histogram(mt, chosen[mt], out / f"hist_{mt}.png", doc["machine_types"][mt]["threshold"])]
+                        plot_ensemble_histogram(mt, chosen[mt], out / f"hist_{mt}.png",
+                                                doc["machine_types"][mt]["threshold"])]
                 plot_files[mt] = [p.name for p in made if p is not None]
                 files += [p for p in made if p is not None]
     text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out)

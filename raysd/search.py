@@ -135,7 +135,7 @@ def feature_specs(plan: Plan) -> list:
 
 def warm_cache(plan: Plan) -> None:
     """Fill the feature cache once for every crop variant the preset searches, before trials start."""
-    from raysd.data.features import FeatureStore
+    from raysd.data.store import FeatureStore
 
     for spec in feature_specs(plan):
         t0 = time.perf_counter()

@@ -11,9 +11,9 @@ and reports (``raysd.trial``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -25,7 +25,8 @@ import torch
 from raysd import artifacts, storage
 from raysd.artifacts import CheckpointInfo, TrialRecord
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore
+from raysd.data.features import FeatureSpec
+from raysd.data.store import FeatureStore
 from raysd.data.study import StudyData, load_study
 from raysd.families.base import create_family
 from raysd.families.clips import ClipSet
@@ -341,7 +342,8 @@ def run_trial(params: dict, job: StudyJob) -> None:
         dataclasses.replace(record, status="failed", reason=f"{type(e).__name__}: {e}",
                             wall_seconds=time.time() - t0).write(job.experiment)
         raise
-    _finish(job, record, dict(result.metrics or {}), checkpoint_uri(job.experiment, result.checkpoint), time.time() - t0)
+    _finish(job, record, dict(result.metrics or {}), checkpoint_uri(job.experiment, result.checkpoint),
+            time.time() - t0)
 
 
 def _finish(job: StudyJob, record: TrialRecord, metrics: dict, checkpoint: str | None, wall: float) -> None:

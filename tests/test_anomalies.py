@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from experiment_helpers import write_checkpoint, write_experiment, write_record
+
 from raysd import inference, leaderboard, score
-from raysd.report import experiment, unlabelled
 from raysd.data import synth_field
 from raysd.data.synth_field import FieldEvent
+from raysd.report import experiment, unlabelled
 
 EVENTS = [FieldEvent("motorcycle", 20.3, 5.0, 16.0), FieldEvent("plane", 55.6, 8.0, 18.0),
           FieldEvent("knock", 95.2, 1.5, 10.0)]
@@ -37,8 +37,8 @@ def _spec():
 
 def _study(root: Path, cache: Path, **heldout):
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureStore
     from raysd.data.heldout import HeldoutConfig, assign
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
 
     catalog = Catalog.scan(root, clip_seconds=1.0)

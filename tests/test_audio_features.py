@@ -15,7 +15,8 @@ import torch
 
 from raysd.data import audio, synth
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore, LogMel, extract
+from raysd.data.features import FeatureSpec, LogMel, extract
+from raysd.data.store import FeatureStore
 
 SR = 16000
 
@@ -356,10 +357,11 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 
-from raysd.data import features
+from raysd.data import store
 from raysd.data.catalog import Catalog
+from raysd.data.features import FeatureSpec
 
-real = features.extract
+real = store.extract
 
 
 def one_batch_then_wait(*args, **kwargs):
@@ -369,9 +371,9 @@ def one_batch_then_wait(*args, **kwargs):
         time.sleep(600)
 
 
-features.extract = one_batch_then_wait
-features.FeatureStore.open(Catalog.scan(Path(sys.argv[1])), features.FeatureSpec(clip_seconds=3.0), sys.argv[2],
-                           device="cpu", batch_size=2, workers=1)
+store.extract = one_batch_then_wait
+store.FeatureStore.open(Catalog.scan(Path(sys.argv[1])), FeatureSpec(clip_seconds=3.0), sys.argv[2], device="cpu",
+                        batch_size=2, workers=1)
 """
 
 
@@ -400,7 +402,7 @@ def test_a_killed_writers_partial_cache_is_removed_by_the_next_open(tiny_root: P
 
 
 def test_a_running_writers_temporary_folder_is_kept(tmp_path: Path) -> None:
-    from raysd.data.features import remove_dead_writers
+    from raysd.data.store import remove_dead_writers
 
     root = tmp_path / "features"
     mine = root / f".key.tmp-{os.getpid()}-0123abcd@{__import__('socket').gethostname()}"

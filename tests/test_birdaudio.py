@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysd.report import unlabelled
 from raysd.data import synth_field
 from raysd.data.synth_field import FieldEvent
 from raysd.presets import SEARCH_SPACES, load_preset
+from raysd.report import unlabelled
 
 ENV = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONUNBUFFERED": "1"}

@@ -11,12 +11,19 @@ import torch.nn.functional as F
 
 from raysd.families import get_family
 from raysd.families.augment import (
-    ArcFace, mel_centres, hz_to_mel, mix_post_log, mix_pre_log, mixup, pick_partners, warp, warp_table,
+    ArcFace,
+    hz_to_mel,
+    mel_centres,
+    mix_post_log,
+    mix_pre_log,
+    mixup,
+    pick_partners,
+    warp,
+    warp_table,
 )
 from raysd.families.clips import ClipSet, DataInfo
-from raysd.families.hparams import make_config, TrainHP
+from raysd.families.hparams import TrainHP, make_config
 from raysd.train import Trainer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,7 +301,8 @@ def test_triplet_reference_set_survives_checkpoint_round_trip(tmp_path):
 def tiny_studies(tiny_root, tmp_path_factory):
     """``get(crop, machine_type)`` -> (StudyData, metadata of its test clips incl. severity)."""
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
     from raysd.data.synth import read_meta
 

@@ -14,15 +14,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from experiment_helpers import write_checkpoint, write_experiment, write_record, write_tune_trial
 from sklearn.metrics import roc_auc_score
 
-from experiment_helpers import write_checkpoint, write_experiment, write_record, write_tune_trial
 from raysd import leaderboard
-from raysd.report.experiment import read_scores
 from raysd.ensemble import (
-    EnsembleError, align, combine, combine_matrix, fit_stats, greedy_select, selection_value, standardise,
+    EnsembleError,
+    align,
+    combine,
+    combine_matrix,
+    fit_stats,
+    greedy_select,
+    selection_value,
+    standardise,
 )
 from raysd.metrics import evaluate, read_submission, split_half
+from raysd.report.experiment import read_scores
 
 COLS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 

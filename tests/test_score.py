@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from experiment_helpers import write_checkpoint, write_experiment, write_record
+
 from raysd import artifacts, leaderboard, score
+from raysd.ensemble import combine, fit_stats, standardise
 from raysd.report.ensembles import trial_member
 from raysd.report.experiment import load_experiment
-from raysd.ensemble import combine, fit_stats, standardise
 
 DENSE = {"lr": 1e-3, "batch_size": 256, "epochs": 1, "hidden": 32, "depth": 2, "bottleneck": 4}
 CONV = {"lr": 1e-3, "batch_size": 16, "epochs": 1, "crop": "none", "hop": 44, "bottleneck": 4}
@@ -28,7 +28,8 @@ CONV = {"lr": 1e-3, "batch_size": 16, "epochs": 1, "crop": "none", "hop": 44, "b
 def experiment(tiny_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """A two-study experiment on the tiny fan clips, trained and scored as ``raysd.trial`` does, and its reports."""
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
     from raysd.families.base import create_family
     from raysd.train import Trainer

@@ -241,7 +241,7 @@ def test_trial_restarted_after_its_last_report_completes_without_training_again(
     assert record["metrics"]["epoch"] == 1
 
 
-def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
+def _job(workers: int, gpus: float, cpus: float = 8.0) -> search.StudyJob:
     import pandas as pd
 
     return search.StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",

@@ -213,7 +213,7 @@ class Catalog:
 
     # ------------------------------------------------------------------ scanning
     @classmethod
-    def scan(cls, root: str | os.PathLike, clip_seconds: float = 1.0, layout: str | None = None) -> "Catalog":
+    def scan(cls, root: str | os.PathLike, clip_seconds: float = 1.0, layout: str | None = None) -> Catalog:
         """Catalog every clip under ``root``; ``layout`` (one of ``LAYOUTS``) overrides the detection."""
         root = Path(root).expanduser()
         if not clip_seconds > 0:
@@ -456,7 +456,7 @@ class Catalog:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, root: str | os.PathLike | None = None,
-                 clip_seconds: float | None = None) -> "Catalog":
+                 clip_seconds: float | None = None) -> Catalog:
         """Read a table written by ``to_csv``; dtypes (zero-padded sections, nullable labels) are restored."""
         path = Path(path)
         try:

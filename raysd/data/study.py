@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysd.data.features import FeatureSpec, FeatureStore
+from raysd.data.features import FeatureSpec
+from raysd.data.store import FeatureStore
 from raysd.data.views import View
 from raysd.families.clips import ClipSet, DataInfo
 

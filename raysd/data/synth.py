@@ -35,10 +35,10 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -275,7 +275,6 @@ def _slider(p: IdParams, rng, n, sr, speed):
 
 
 def _valve(p: IdParams, rng, n, sr, speed):
-    t = np.arange(n) / sr
     cycle = p.spread("cycle", 0.6, 2.0) / speed
     open_frac = p.uniform("open", 0.2, 0.6)
     opens = _periodic(rng, n / sr, cycle, jitter=0.02)

@@ -258,7 +258,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 # ------------------------------------------------------------------------------- batch-norm statistics
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, data: "ClipSet", max_windows: int = 16384, batch_size: int = 256,
+def recalibrate_batchnorm(model: nn.Module, data: ClipSet, max_windows: int = 16384, batch_size: int = 256,
                           seed: int = 0) -> int:
     """Recompute every BatchNorm layer's running statistics with the final weights ("precise BN").
 

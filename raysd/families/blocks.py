@@ -4,7 +4,8 @@ and numerically safe helpers (float32 islands inside autocast, Gaussian statisti
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -153,5 +154,5 @@ class StandardizedInput:
     """Family mixin for models whose input passes through ``model.norm`` (a ``Standardize``): fits it on
     the worker's training clips before the first epoch."""
 
-    def before_training(self, model: nn.Module, data: "ClipSet") -> None:
+    def before_training(self, model: nn.Module, data: ClipSet) -> None:
         model.norm.fit(data.clips)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from raysd.families.base import Family, register
-from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.blocks import GaussianStats, Standardize, StandardizedInput
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 CHANNELS = (16, 32, 64, 128)
 

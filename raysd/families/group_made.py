@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from raysd.families.base import Family, register
-from raysd.families.clips import Batch, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput, no_autocast
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysd.families.augment import (
-    make_head, mel_centres, mixup, recalibrate_batchnorm, soft_cross_entropy, warp, warp_table,
+    make_head,
+    mel_centres,
+    mixup,
+    recalibrate_batchnorm,
+    soft_cross_entropy,
+    warp,
+    warp_table,
 )
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from raysd.families.base import Family, register
-from raysd.families.clips import Batch, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput, UNet
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from raysd.families.base import Family, register
-from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.blocks import Standardize, StandardizedInput
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 CHANNELS = (32, 64, 128, 256)
 DROPOUT = (0.0, 0.2, 0.3, 0.3)

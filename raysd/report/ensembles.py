@@ -12,7 +12,14 @@ import pandas as pd
 
 from raysd import artifacts
 from raysd.ensemble import (
-    METRIC_KEYS, align, combine_matrix, fit_stats, greedy_select, half_rows, selection_value, standardise,
+    METRIC_KEYS,
+    align,
+    combine_matrix,
+    fit_stats,
+    greedy_select,
+    half_rows,
+    selection_value,
+    standardise,
 )
 from raysd.report.board import aggregate_columns, figures
 from raysd.report.experiment import Experiment, Trial
@@ -96,13 +103,15 @@ def choose(cands: list[Candidate], mode: str) -> Candidate:
     return max(valid, key=lambda c: (sign * c.selection, -len(c.members), -cands.index(c)))
 
 
-def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chosen: dict[str, Candidate]) -> pd.DataFrame:
+def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chosen: dict[str, Candidate]
+                    ) -> pd.DataFrame:
     rule = exp.rule
     key = METRIC_KEYS.get(exp.metric.removeprefix("sel_"), "auc")
     key = "official" if key == "score" else key
     rows = []
 
-    def row(mt: str, name: str, kind: str, comb: str, members: str, n: float, figs: dict, single: dict, is_chosen: bool):
+    def row(mt: str, name: str, kind: str, comb: str, members: str, n: float, figs: dict, single: dict,
+            is_chosen: bool) -> None:
         r = {"machine_type": mt, "ensemble": name, "kind": kind, "combine": comb, "n_members": n, "members": members,
              "chosen": is_chosen}
         r.update({c: figs.get(c, math.nan) for c in aggregate_columns(rule)})

@@ -164,7 +164,8 @@ def tune_trials(study_dir: str) -> dict[str, dict]:
     states = sorted(f for f in files if PurePosixPath(f).name.startswith("experiment_state-") and f.endswith(".json")
                     and PurePosixPath(f).parent == PurePosixPath(study_dir))
     if not states:
-        states = sorted(f for f in files if PurePosixPath(f).name.startswith("experiment_state-") and f.endswith(".json"))
+        states = sorted(f for f in files
+                        if PurePosixPath(f).name.startswith("experiment_state-") and f.endswith(".json"))
     logdirs: dict[str, str] = {}
     if states:
         try:

@@ -14,7 +14,6 @@ from raysd.ensemble import METRIC_KEYS
 from raysd.report.experiment import Experiment
 from raysd.report.unlabelled import AnomalyReport, Unlabelled
 
-
 INT_COLUMNS = ("epochs", "rank", "n_members", "workers")
 
 

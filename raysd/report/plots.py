@@ -129,7 +129,8 @@ def plot_roc(mt: str, single: Candidate, ens: Candidate | None, path: Path, half
     return save(fig, path, dpi=110)
 
 
-def plot_ensemble_histogram(mt: str, cand: Candidate, path: Path, threshold: dict[str, float] | None = None) -> Path | None:
+def plot_ensemble_histogram(mt: str, cand: Candidate, path: Path, threshold: dict[str, float] | None = None
+                            ) -> Path | None:
     """Standardised scores of normal and anomalous test clips, with each section's decision threshold."""
     plt = pyplot()
     rows = half_rows(cand.test, "test")

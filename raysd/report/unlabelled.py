@@ -36,8 +36,8 @@ from raysd.data.audio import AudioError
 from raysd.data.features import resolve_device
 from raysd.ensemble import EnsembleError, fit_stats, standardise
 from raysd.inference import embed_table
-from raysd.report.experiment import Experiment, Trial, read_scores
 from raysd.report.ensembles import experiment_document, trial_member
+from raysd.report.experiment import Experiment, Trial, read_scores
 from raysd.report.plots import plot_embedding, plot_pair, plot_score_histogram
 
 EMBED_MAX_CLIPS = 20000  # clips embedded again for the embedding view of unlabelled data (top clips always)
