@@ -47,8 +47,10 @@ import torch
 from raysd import artifacts
 from raysd.artifacts import ArtifactError, Member, TypeModel
 from raysd.atomic import atomic_write_csv
-from raysd.data import audio, catalog
+from raysd.data import audio
 from raysd.data.features import resolve_device
+from raysd.data.names import find_audio as find_audio_under
+from raysd.data.names import parse_name
 from raysd.ensemble import combine_matrix
 from raysd.inference import stream
 from raysd.log import setup_logging
@@ -78,7 +80,7 @@ def find_audio(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += catalog.find_audio(p)
+            out += find_audio_under(p)
         elif p.is_file():
             out.append(p)
         else:
@@ -107,7 +109,7 @@ def resolve_items(files: list[Path], doc: dict, machine_type: str | None, sectio
             continue
         sec = section
         if sec is None:
-            parsed = catalog.parse_name(f)
+            parsed = parse_name(f)
             sec = parsed.section if parsed is not None else (known[mt][0] if len(known[mt]) == 1 else None)
         if sec is None:
             items.append(Item(f, mt, None, f"machine ID / section unknown: the name is not a DCASE name and {mt} has "
