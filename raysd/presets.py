@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
+from raysd.data.heldout import HeldoutConfig
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
 
@@ -242,8 +243,6 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         raise _err(path, "machine_types", "must be a list of machine type names")
     heldout = raw.get("heldout") or {}
     if heldout:
-        from raysd.data.heldout import HeldoutConfig
-
         try:
             make_config(HeldoutConfig, heldout, f"{path}: heldout")
         except ValueError as e:
