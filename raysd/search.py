@@ -10,7 +10,6 @@ study cannot starve another.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,11 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysd import storage
+from raysd import leaderboard, storage
+from raysd.data import synth
+from raysd.data.catalog import Catalog
+from raysd.data.heldout import HeldoutConfig, assign
+from raysd.data.store import FeatureStore
+from raysd.families.hparams import make_config
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, load_preset, tune_space
 from raysd.trial import StudyJob, run_trial
-
+from raysd.tune_optuna import ResumableOptunaSearch
 
 DRIVER_CPU = 0.001
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster YAML as the launcher leaves it on the head
@@ -60,8 +64,6 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
             f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR "
             f"(it prints the --data-root to pass)\n"
             f"  Or try the whole loop on synthetic machine sounds first: python -m raysd.search demo")
-    from raysd.data import synth
-
     seed = int(preset.dataset.get("synthetic_seed", 0))
     layout = preset.dataset.get("synthetic_layout", "dcase2020")
     out = cache_dir / "synthetic" / f"{synthetic}-{layout}-seed{seed}"
@@ -73,8 +75,6 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
 
 
 def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
-    from raysd.data.catalog import Catalog
-
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     root = resolve_data(preset, args.data_root, cache_dir)
     catalog = Catalog.scan(root, clip_seconds=preset.features.clip_seconds,
@@ -90,9 +90,6 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
         raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
     study_table = None
     if preset.heldout:
-        from raysd.data.heldout import HeldoutConfig, assign
-        from raysd.families.hparams import make_config
-
         study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
     storage_path = args.storage_path or str(Path("experiments").resolve())
     experiment = storage.join(storage_path, args.name or preset.name)
@@ -135,8 +132,6 @@ def feature_specs(plan: Plan) -> list:
 
 def warm_cache(plan: Plan) -> None:
     """Fill the feature cache once for every crop variant the preset searches, before trials start."""
-    from raysd.data.store import FeatureStore
-
     for spec in feature_specs(plan):
         t0 = time.perf_counter()
         store = FeatureStore.open(plan.catalog, spec, plan.studies[0].cache_dir)
@@ -241,8 +236,6 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     import ray.tune
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from raysd.tune_optuna import ResumableOptunaSearch
 
     # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
     # empty request, so it holds a token CPU share (see init_ray for the local case).
@@ -410,8 +403,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_leaderboard(plan: Plan, out: str) -> None:
     """Build the reports; a failure here is reported but never loses the finished search."""
-    from raysd import leaderboard
-
     try:
         rc = leaderboard.main([plan.experiment, "--out", out])
     except Exception as e:  # the trials and their score tables are safe in the experiment folder
