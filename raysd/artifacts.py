@@ -265,11 +265,11 @@ def read_ensemble(path: str | os.PathLike, quantile: float = DEFAULT_QUANTILE) -
     if not isinstance(doc, dict) or not isinstance(doc.get("machine_types"), dict) or not doc["machine_types"]:
         raise ArtifactError(f"{path}: not a raysd ensemble file (expected a 'machine_types' mapping as written by "
                             "python -m raysd.leaderboard)")
-    for mt, e in doc["machine_types"].items():
+    for mt, entry in doc["machine_types"].items():
         for key in ("combine", "members", "threshold"):
-            if key not in e:
+            if key not in entry:
                 raise ArtifactError(f"{path}: machine type {mt!r} lacks key {key!r}")
-        for i, m in enumerate(e["members"]):
+        for i, m in enumerate(entry["members"]):
             for key in ("family", "params", "spec", "info", "stats"):
                 if not m.get(key):
                     raise ArtifactError(f"{path}: machine type {mt!r}, member {i} ({m.get('name', '?')}) lacks "

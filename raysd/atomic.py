@@ -39,7 +39,7 @@ def atomic_write_csv(df: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def replace_dir(path: Path, fill: Callable[[Path], None]) -> Path:
+def replace_dir(path: Path, fill: Callable[[Path], object]) -> Path:
     """Build a folder under a temporary name with ``fill(tmp_dir)``, then swap it in for ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

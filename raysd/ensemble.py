@@ -105,7 +105,8 @@ def align(tables: Sequence[pd.DataFrame], names: Sequence[str] | None = None) ->
     return meta, z
 
 
-def combine_matrix(z: np.ndarray, weights: Sequence[float] | None = None, rule: str = "mean") -> np.ndarray:
+def combine_matrix(z: np.ndarray, weights: Sequence[float] | np.ndarray | None = None, rule: str = "mean"
+                   ) -> np.ndarray:
     """Per-clip combination of member scores ``z`` (n_clips, n_members): weighted mean or maximum.
 
     For ``max`` the weights only select members (weight > 0); their size does not matter.

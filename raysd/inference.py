@@ -45,10 +45,10 @@ def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: tor
     code = {c: i for i, c in enumerate(trainer.info.class_names)}
     view = trainer.family.view()
     sections = table["section"].astype(str).to_numpy() if "section" in table.columns else None
-    for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
-        if not ok:
+    for rows, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
+        if not rows:
             continue
-        ok = np.asarray(ok)
+        ok = np.asarray(rows)
         labels = torch.tensor([code.get(s, -1) for s in sections[ok]] if sections is not None else [0] * len(ok),
                               dtype=torch.long)
         clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels.to(device), view)

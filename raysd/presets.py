@@ -129,7 +129,7 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None
             lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
         except (TypeError, ValueError):
             lo = hi = None
-        if lo is None or isinstance(args[0], bool) or isinstance(args[1], bool):
+        if lo is None or hi is None or isinstance(args[0], bool) or isinstance(args[1], bool):
             raise _err(path, full, f"{dist} needs [low, high], got {args!r}")
         if not lo < hi:
             raise _err(path, full, f"{dist} needs low < high, got [{lo}, {hi}]")

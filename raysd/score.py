@@ -159,7 +159,10 @@ def member_scores(m: Member, table: pd.DataFrame, device: torch.device, batch_si
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """(positions in ``table``, raw anomaly scores, clip embeddings or None) batch by batch, featurised with the
     member's spec and read straight from the files."""
-    yield from stream(m.trainer, m.spec, table, device, batch_size, embed=embed, failed=failed, workers=workers)
+    for ok, scores, emb in stream(m.trainer, m.spec, table, device, batch_size, embed=embed, failed=failed,
+                                  workers=workers):
+        assert scores is not None  # stream scores unless told not to
+        yield ok, scores, emb
 
 
 def score_type(model: TypeModel, table: pd.DataFrame, device: torch.device, batch_size: int = 64,
@@ -182,7 +185,7 @@ def score_type(model: TypeModel, table: pd.DataFrame, device: torch.device, batc
                 z[ok, j] = (s - mu[ok]) / sd[ok]
                 if embedder == j and e is None:
                     embedder = j + 1 if j + 1 < len(model.members) else None
-                elif embedder == j:
+                elif embedder == j and e is not None:
                     emb = np.full((len(part), e.shape[1]), np.nan, np.float32) if emb is None else emb
                     emb[ok] = e
         good = np.isfinite(z).all(axis=1)
@@ -221,7 +224,7 @@ def score_all(ensemble: str | os.PathLike, paths: list[str], machine_type: str |
     problems = [(str(it.path), it.problem) for it in items if it.problem]
     layout = str(doc.get("layout", ""))
     frames, embeddings = [], {}
-    for mt in sorted({it.machine_type for it in items if not it.problem}):
+    for mt in sorted({str(it.machine_type) for it in items if not it.problem}):
         model = artifacts.load_type(doc, mt, dev, ensemble)
         clip_seconds = model.members[0].spec.clip_seconds
         table, bad = clip_table([it for it in items if not it.problem and it.machine_type == mt], layout, clip_seconds)

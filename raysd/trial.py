@@ -331,7 +331,8 @@ def run_trial(params: dict, job: StudyJob) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=job.train_storage, callbacks=[TuneReportCallback()],
+            # Ray 2.60 annotates RunConfig.callbacks with Tune's Callback; Train V2 takes its own callbacks here
+            name=trial_id, storage_path=job.train_storage, callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )

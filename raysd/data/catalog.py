@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import soundfile as sf
@@ -160,7 +160,7 @@ class Catalog:
             return "recordings"
         rel = {p: p.relative_to(root).as_posix() for p in names}
         by_family: dict[str, list[Path]] = {"dcase2020": [], "section": []}
-        unmatched = []
+        unmatched: list[Path] = []
         for p, n in names.items():
             (by_family[n.family] if n else unmatched).append(p)
         if by_family["dcase2020"] and by_family["section"]:
@@ -179,7 +179,7 @@ class Catalog:
             detected = "dcase2020"
         else:
             evidence_2021 = any(
-                names[p].only_2021 or p.parent.name in ("source_test", "target_test") for p in by_family["section"]
+                cast(ClipName, names[p]).only_2021 or p.parent.name in ("source_test", "target_test") for p in by_family["section"]
             )
             detected = "dcase2021" if evidence_2021 else "dcase2022"
         if layout is not None and layout != detected:
@@ -204,6 +204,7 @@ class Catalog:
         seen: dict[tuple[str, str, str], str] = {}
         by_abs: dict[str, int] = {}
         for p, n in names.items():
+            assert n is not None, f"{p}: _detect_layout lets no unmatched name into a DCASE layout"
             rel = p.relative_to(root)
             folder = rel.parts[-2] if len(rel.parts) >= 2 else root.name
             machine_type = rel.parts[-3] if len(rel.parts) >= 3 else (root.name if len(rel.parts) == 2 else root.parent.name)

@@ -396,7 +396,7 @@ def download(dataset: str, dest: str | os.PathLike = "data", parts: Iterable[str
     if jobs < 1:
         raise DownloadError(f"--jobs must be at least 1, got {jobs}")
     progress = progress or Progress()
-    opts = {"timeout": timeout, "retries": retries, "backoff": backoff}
+    opts: dict[str, Any] = {"timeout": timeout, "retries": retries, "backoff": backoff}
     pinned = PINNED_MD5.get(dataset) if pinned_md5 is None else pinned_md5
     files = select_files(ds, parts, machine_types, base_url, pinned, **opts)
     root = Path(dest).expanduser().resolve() / ds.folder

@@ -22,8 +22,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -109,6 +110,7 @@ class LogMel(torch.nn.Module):
     """Waveforms (B, samples) at ``spec.sample_rate`` -> log-mel (B, kept_mels, n_frames)."""
 
     BAND = 16  # mel bands per block of the filterbank product
+    frame_window: torch.Tensor
 
     def __init__(self, spec: FeatureSpec):
         super().__init__()
@@ -300,9 +302,10 @@ def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device |
         stack.callback(torch.set_num_threads, caller_threads)
         pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="raysd-features"))
         ahead = workers + 1
-        futures = [pool.submit(job, lo, min(lo + batch_size, len(table))) for lo in starts[:ahead]]
+        futures: list[Future | None] = [pool.submit(job, lo, min(lo + batch_size, len(table)))
+                                        for lo in starts[:ahead]]
         for k in range(len(starts)):
-            ok, out, bad = futures[k].result()
+            ok, out, bad = cast(Future, futures[k]).result()
             futures[k] = None
             if k + ahead < len(starts):
                 lo = starts[k + ahead]

@@ -130,7 +130,8 @@ class FeatureStore:
                workers: int | None) -> None:
         table = catalog.table
         t0 = time.perf_counter()
-        rows, failed = [], []
+        rows: list[int] = []
+        failed: list[FailedClip] = []
         with open(path / "features.f32", "wb") as f:
             for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers,
                                      failed=failed):

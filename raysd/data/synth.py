@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,7 @@ def plan(preset: Preset, seed: int = 0, layout: str = "dcase2020") -> list[ClipP
                 def name(split: str, label: int, i: int) -> str:
                     return f"{mtype}/{split}/{'anomaly' if label else 'normal'}_id_{mid}_{i:08d}.wav"
 
-                common = dict(machine_type=mtype, machine_id=mid, section=mid, domain="")
+                common: dict[str, Any] = dict(machine_type=mtype, machine_id=mid, section=mid, domain="")
                 out += [ClipPlan(name("train", 0, i), split="train", label=0, kind="none", severity="none", **common)
                         for i in range(n_train)]
                 out += [ClipPlan(name("test", 0, i), split="test", label=0, kind="none", severity="none", **common)

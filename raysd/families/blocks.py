@@ -21,6 +21,9 @@ class Standardize(nn.Module):
     statistics are buffers, so they travel with the ``state_dict`` and DDP broadcasts them from rank 0.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(()))
@@ -120,6 +123,10 @@ class GaussianStats(nn.Module):
 
     ``fitted`` is a buffer flag so a model restored from a ``state_dict`` knows it can score."""
 
+    mean: torch.Tensor
+    precision: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, dim: int, shrinkage: float = 1e-3):
         super().__init__()
         self.shrinkage = shrinkage
@@ -155,4 +162,6 @@ class StandardizedInput:
     the worker's training clips before the first epoch."""
 
     def before_training(self, model: nn.Module, data: ClipSet) -> None:
-        model.norm.fit(data.clips)
+        norm = model.get_submodule("norm")
+        assert isinstance(norm, Standardize), f"{type(model).__name__}.norm must be a Standardize"
+        norm.fit(data.clips)

@@ -15,7 +15,7 @@ of the bottleneck embedding to the training embeddings, whose mean and precision
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -101,14 +101,17 @@ class ConvAEFamily(StandardizedInput, Family):
 
     @torch.no_grad()
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
-        zs = [self.embed(model, b.x).float() for b in data.batches(1024, shuffle=False)]
-        model.stats.fit(torch.cat(zs))
+        net = cast(ConvAE, model)
+        zs = [self.embed(net, b.x).float() for b in data.batches(1024, shuffle=False)]
+        net.stats.fit(torch.cat(zs))
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        recon, target, z = model(x)
+        net = cast(ConvAE, model)
+        recon, target, z = net(x)
         if self.hp.score == "mahalanobis":
-            return model.stats.distance(z)
+            return net.stats.distance(z)
         return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encode(model.norm(x))[0]
+        net = cast(ConvAE, model)
+        return net.encode(net.norm(x))[0]

@@ -8,6 +8,7 @@ reconstruction error over all of its vectors (hop 1, as the baseline uses every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -68,4 +69,5 @@ class DenseAEFamily(StandardizedInput, Family):
         return (recon.float() - target.float()).pow(2).mean(dim=1)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encoder(model.prepare(x))
+        net = cast(DenseAE, model)
+        return net.encoder(net.prepare(x))

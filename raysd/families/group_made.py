@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ class GroupMADEConfig:
 
 
 class MaskedLinear(nn.Linear):
+    mask: torch.Tensor
+
     def __init__(self, n_in: int, n_out: int, mask: torch.Tensor):
         super().__init__(n_in, n_out)
         self.register_buffer("mask", mask.float())
@@ -103,4 +106,5 @@ class GroupMADEFamily(StandardizedInput, Family):
         return gaussian_nll(mean, logvar, t, self.hp.min_logvar).mean()
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model.nll(x)
+        net = cast(GroupMADE, model)
+        return net.nll(x)

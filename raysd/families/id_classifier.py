@@ -26,7 +26,7 @@ sub-range, so the warp is still a monotone map of the axis fixing its top, only 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -191,12 +191,14 @@ class IdClassifierFamily(Family):
         return F.log_softmax(model(x).float(), dim=1)
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        n = model.n_ids
+        net = cast(IdClassifierNet, model)
+        n = net.n_ids
         if y.numel() and int(y.max()) >= n:
-            raise ValueError(f"class index {int(y.max())} out of range for a model of {n} machine IDs")
-        logp = self.class_log_probs(model, x)[:, :n]
+            raise ValueError(f"class index {int(y.max())} out of range for a net of {n} machine IDs")
+        logp = self.class_log_probs(net, x)[:, :n]
         true = logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
         return -torch.where(y >= 0, true, logp.max(dim=1).values)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.features(x)
+        net = cast(IdClassifierNet, model)
+        return net.features(x)

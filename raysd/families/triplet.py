@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from raysd.families.clips import Batch, ClipSet, DataInfo
 
 
 class TripletNet(nn.Module):
+    refs: torch.Tensor
+    ref_mask: torch.Tensor
+
     """CNN embedding with the per-ID reference set in buffers ``refs`` (C, K, D) and ``ref_mask`` (C, K)."""
 
     def __init__(self, info: DataInfo, frames: int, channels: tuple[int, ...], emb_dim: int, dropout: float,
@@ -150,10 +153,12 @@ class TripletFamily(Family):
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         """Recompute BatchNorm statistics, then fix the reference set: K random training clips per ID
         (fewer if an ID has fewer clips)."""
-        recalibrate_batchnorm(model, data, self.hp.precise_bn)
-        emb = torch.cat([self.clip_embeddings(model, w) for _, w, _ in data.clip_batches(64)]) if len(data) else None
-        refs = torch.zeros_like(model.refs)
-        mask = torch.zeros_like(model.ref_mask)
+        net = cast(TripletNet, model)
+        recalibrate_batchnorm(net, data, self.hp.precise_bn)
+        emb = torch.cat([self.clip_embeddings(net, w) for _, w, _ in data.clip_batches(64)]) if len(data) else \
+            torch.zeros(0, net.refs.shape[-1])
+        refs = torch.zeros_like(net.refs)
+        mask = torch.zeros_like(net.ref_mask)
         gen = torch.Generator().manual_seed(self.hp.ref_seed)
         labels = data.labels.cpu()
         k = refs.shape[1]
@@ -166,15 +171,16 @@ class TripletFamily(Family):
             mask[c, :pick.numel()] = True
         if not mask.any():
             raise ValueError("triplet: no training clips to draw the reference set from")
-        model.refs.copy_(refs)
-        model.ref_mask.copy_(mask)
+        net.refs.copy_(refs)
+        net.ref_mask.copy_(mask)
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mask = model.ref_mask
+        net = cast(TripletNet, model)
+        mask = net.ref_mask
         if not bool(mask.any()):
             raise RuntimeError("triplet: the reference set is empty; after_training() fixes it when training ends")
-        e = self.clip_embeddings(model, windows)  # (B, D)
-        refs = model.refs.float()
+        e = self.clip_embeddings(net, windows)  # (B, D)
+        refs = net.refs.float()
         d = torch.linalg.vector_norm(e[:, None, None, :] - refs[None], dim=-1)  # (B, C, K)
         w = mask.float()[None]
         per_id = (d * w).sum(-1) / w.sum(-1).clamp(min=1)

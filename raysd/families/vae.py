@@ -10,7 +10,7 @@ posterior mean, or ``elbo``, the loss above evaluated at the posterior mean (det
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -89,4 +89,5 @@ class VAEFamily(StandardizedInput, Family):
         return se / target.shape[1]
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encode(model.norm(x))[0]
+        net = cast(VAE, model)
+        return net.encode(net.norm(x))[0]

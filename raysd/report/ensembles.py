@@ -63,7 +63,8 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
     pool = list({t.key: t for t in library + list(fam_best.values())}.values())
     stats = {t.name: fit_stats(t.train, t.name) for t in pool}
     z_test = [standardise(t.test, stats[t.name], t.name) for t in pool]
-    z_train = [standardise(t.train.loc[t.train["split"] == "train"], stats[t.name], t.name) for t in pool]
+    z_train = [standardise(train.loc[train["split"] == "train"], stats[t.name], t.name)
+               for t in pool if (train := t.train) is not None]  # every trial of the pool is scored
     names = [t.name for t in pool]
     meta_test, zt = align(z_test, names)
     meta_train, zr = align(z_train, names)
@@ -128,8 +129,8 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
     names = [c.name for c in next(iter(per_type.values()))] if per_type else []
     overall: dict[str, dict] = {}
     for name in names:
-        parts = [next((c for c in cands if c.name == name), None) for cands in per_type.values()]
-        if any(p is None for p in parts):
+        parts = [c for cands in per_type.values() for c in cands if c.name == name]
+        if len(parts) < len(per_type):
             continue
         overall[name] = figures(pd.concat([p.test for p in parts], ignore_index=True), rule)
     overall["chosen"] = figures(pd.concat([c.test for c in chosen.values()], ignore_index=True), rule)

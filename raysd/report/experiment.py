@@ -245,17 +245,17 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
         records: dict[str, artifacts.TrialRecord] = {}
         for f in storage.list_files(storage.join(root, artifacts.TRIALS_DIR, study), ".json"):
             try:
-                rec = artifacts.read_trial_record(f)
+                loaded = artifacts.read_trial_record(f)
             except (OSError, json.JSONDecodeError) as e:
                 warnings.warn(f"raysd leaderboard: skipping unreadable trial record {f} ({e})")
                 continue
-            records[str(rec.trial_id or PurePosixPath(f).stem)] = rec
+            records[str(loaded.trial_id or PurePosixPath(f).stem)] = loaded
         tuned = tune_trials(storage.join(root, artifacts.STUDIES_DIR, study))
         study_gpus = next((r.gpus for r in records.values() if r.gpus is not None), None)
         study_workers = next((r.workers for r in records.values() if r.workers is not None), None)
         for tid in sorted(set(records) | set(tuned)):
-            rec, tn = records.get(tid), tuned.get(tid, {})
-            if rec is not None:
+            tn = tuned.get(tid, {})
+            if (rec := records.get(tid)) is not None:
                 t = Trial(study=rec.study or study, family=rec.family or fam_guess,
                           machine_type=rec.machine_type or mt_guess, trial_id=tid, status=rec.status,
                           params=rec.params or tn.get("config") or {}, reason=rec.reason or "",

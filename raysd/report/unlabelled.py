@@ -320,10 +320,11 @@ def unlabelled_reports(exp: Experiment, board: pd.DataFrame, values: dict[str, f
     best = board[board["rank"] == 1]
     types_with = sorted(best["machine_type"].unique())
     reports, what, entries, files = {}, {}, {}, []
-    data_root = exp.meta.get("data_root")
+    data_root = str(exp.meta.get("data_root") or "")
     for mt in types_with:
         row = best[best["machine_type"] == mt].iloc[0]
         t = by_key[f"{row['study']}/{row['trial_id']}"]
+        assert t.train is not None, f"{t.name} is ranked, so its score tables were read"
         try:
             stats = fit_stats(t.train, t.name)
             z_train = standardise(t.train.loc[t.train["split"] == "train"], stats, t.name)
