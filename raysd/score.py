@@ -22,7 +22,7 @@ length of the training spec, torchaudio resampling and log-mel). Members are loa
 Output: CSV with columns file, machine_type, section, score, decision (1 = anomalous: score above the
 threshold); for the ``recordings`` layout also offset (sample), start_s and end_s of each clip. For long
 recordings (the ``recordings`` layout, or whenever ``--report`` is given) an anomaly report goes to ``--report``
-(default ``./anomalies``; see ``raysd.anomalies``): ``anomalies.csv`` with the ``--top`` clips, their spectrograms
+(default ``./anomalies``; see ``raysd.report.unlabelled``): ``anomalies.csv`` with the ``--top`` clips, their spectrograms
 beside a typical clip, a histogram of all scores and, for members with a bottleneck, an embedding view
 (``--projection pca|tsne|none``). Recordings are read and scored a batch of clips at a time, so a six-hour file
 needs no more memory than a short one. Exit status 0 when every file was scored, 1 when some could not be
