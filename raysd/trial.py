@@ -28,6 +28,7 @@ from raysd.data.catalog import Catalog
 from raysd.data.features import FeatureSpec
 from raysd.data.store import FeatureStore
 from raysd.data.study import StudyData, load_study
+from raysd.data.views import View
 from raysd.families.base import create_family
 from raysd.families.clips import ClipSet
 from raysd.metrics import evaluate, split_half
@@ -180,7 +181,7 @@ class WorkerData:
     sel_rows: pd.DataFrame
 
 
-def worker_data(job: StudyJob, hp_crop: str, view: Any, device: torch.device, rank: int, world: int) -> WorkerData:
+def worker_data(job: StudyJob, hp_crop: str, view: View, device: torch.device, rank: int, world: int) -> WorkerData:
     """Open the feature cache and lay out the study's clips for one worker."""
     spec = FeatureSpec.from_dict(job.spec).with_crop(hp_crop)
     catalog = Catalog(job.catalog, job.data_root, job.layout)
