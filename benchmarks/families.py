@@ -33,12 +33,13 @@ import math
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from raysd.families import REGISTRY
-from raysd.families.base import Batch, ClipSet, DataInfo, TrainHP
+from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import TrainHP
 from raysd.train import Trainer, make_optimizer
 
 

@@ -36,7 +36,8 @@ from threadpoolctl import threadpool_limits
 
 from raysd.data import synth
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore, resolve_device
+from raysd.data.features import FeatureSpec, resolve_device
+from raysd.data.store import FeatureStore
 
 
 def baseline_file_to_vector_array(file_name: str, n_mels: int = 128, frames: int = 5, n_fft: int = 1024,

@@ -28,9 +28,9 @@ import torch
 
 from raysd.data import synth_field
 from raysd.data.features import FeatureSpec, LogMel
-from raysd.families.base import ClipSet, DataInfo, get_family
+from raysd.families.base import create_family
+from raysd.families.clips import ClipSet, DataInfo
 from raysd.metrics import auc, pauc
-from raysd.presets import split_hp
 from raysd.train import Trainer
 
 SR = synth_field.SAMPLE_RATE
@@ -89,8 +89,7 @@ def make_data(pools: Pools, rate: float, n_train: int, n_test: int, seed: int) -
 
 
 def run(family_name: str, params: dict, data: Data, info: DataInfo, seed: int) -> dict:
-    hp, cfg = split_hp(family_name, {**params, "seed": seed})
-    family = get_family(family_name)(cfg)
+    family, hp = create_family(family_name, {**params, "seed": seed})
     trainer = Trainer(family, hp, info)
     view = family.view()
     t0 = time.perf_counter()

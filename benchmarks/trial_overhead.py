@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -56,7 +55,7 @@ def plain_loop(family, hp, study, view, epochs: int, score: bool = True) -> floa
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     loader = torch.utils.data.DataLoader(WindowDataset(study.train_x, view, study.train_y),
                                          batch_size=hp.batch_size, shuffle=True)
-    from raysd.families.base import Batch
+    from raysd.families.clips import Batch
 
     model.train()
     for _ in range(epochs):
@@ -74,7 +73,7 @@ def plain_loop(family, hp, study, view, epochs: int, score: bool = True) -> floa
 
 def batching(study, view, batch_size: int, repeats: int = 3) -> tuple[float, float, int]:
     """Samples/s of one pass over every window: raysd's ClipSet against a DataLoader."""
-    from raysd.families.base import ClipSet
+    from raysd.families.clips import ClipSet
 
     data = ClipSet(study.train_x, study.train_y, view)
     loader = torch.utils.data.DataLoader(WindowDataset(study.train_x, view, study.train_y),
@@ -139,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysd.data import synth
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
-    from raysd.families.base import TrainHP, get_family
-    from raysd.presets import split_hp
+    from raysd.families.base import create_family
     from raysd.trial import StudyJob
 
     work = Path(tempfile.mkdtemp(prefix="raysd-bench-"))
@@ -152,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     store = FeatureStore.open(catalog, spec, work / "cache")
     study = load_study(catalog, store, args.machine_type)
     params = {"lr": 1e-3, "batch_size": args.batch_size, "epochs": args.epochs}
-    hp, cfg = split_hp(args.family, params)
-    family = get_family(args.family)(cfg)
+    family, hp = create_family(args.family, params)
     view = family.view()
     torch.set_num_threads(args.threads)
 

@@ -23,9 +23,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from raysd.paths import CONSTRAINTS, default_cache_dir
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from raysd.metrics import MetricError, evaluate
 
-RULES = ("mean", "max")
+COMBINE_RULES = ("mean", "max")
 STAT_COLUMNS = ("machine_type", "section", "mean", "std", "n")
 MIN_STD = 1e-12  # a member whose training scores are all equal in a section is scaled as if std were this
 META_COLUMNS = ("file", "machine_type", "section", "domain", "split", "label", "half")
@@ -105,13 +105,14 @@ def align(tables: Sequence[pd.DataFrame], names: Sequence[str] | None = None) ->
     return meta, z
 
 
-def combine_matrix(z: np.ndarray, weights: Sequence[float] | None = None, rule: str = "mean") -> np.ndarray:
+def combine_matrix(z: np.ndarray, weights: Sequence[float] | np.ndarray | None = None, rule: str = "mean"
+                   ) -> np.ndarray:
     """Per-clip combination of member scores ``z`` (n_clips, n_members): weighted mean or maximum.
 
     For ``max`` the weights only select members (weight > 0); their size does not matter.
     """
-    if rule not in RULES:
-        raise EnsembleError(f"combination rule must be one of {RULES}, got {rule!r}")
+    if rule not in COMBINE_RULES:
+        raise EnsembleError(f"combination rule must be one of {COMBINE_RULES}, got {rule!r}")
     z = np.asarray(z, dtype=float)
     w = np.ones(z.shape[1]) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (z.shape[1],) or (w < 0).any() or w.sum() <= 0:

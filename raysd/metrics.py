@@ -232,9 +232,9 @@ def evaluate(scores: pd.DataFrame, rule: str | int = "2020", *, max_fpr: float =
         if rule == "2021":
             return {"auc": hmean(df["auc"]), "pauc": hmean(df["pauc"]),
                     "score": hmean(list(df["auc"]) + list(df["pauc"]))}
-        src, tgt, p = list(df["auc_source"]), list(df["auc_target"]), list(df["pauc"])
-        return {"auc_source": hmean(src), "auc_target": hmean(tgt), "auc": hmean(src + tgt), "pauc": hmean(p),
-                "score": hmean(src + tgt + p)}
+        src, tgt, pauc = list(df["auc_source"]), list(df["auc_target"]), list(df["pauc"])
+        return {"auc_source": hmean(src), "auc_target": hmean(tgt), "auc": hmean(src + tgt), "pauc": hmean(pauc),
+                "score": hmean(src + tgt + pauc)}
 
     per_type = {mt: aggregate(g) for mt, g in per_section.groupby("machine_type", sort=True)}
     if rule == "2020":  # 2020 overall figures average the per-type averages

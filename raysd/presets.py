@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
-from raysd.families.base import TrainHP, config_fields, get_family, make_config
+from raysd.data.heldout import HeldoutConfig
+from raysd.families.base import get_family
+from raysd.families.hparams import TrainHP, config_fields, make_config
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -127,7 +129,7 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None
             lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
         except (TypeError, ValueError):
             lo = hi = None
-        if lo is None or isinstance(args[0], bool) or isinstance(args[1], bool):
+        if lo is None or hi is None or isinstance(args[0], bool) or isinstance(args[1], bool):
             raise _err(path, full, f"{dist} needs [low, high], got {args!r}")
         if not lo < hi:
             raise _err(path, full, f"{dist} needs low < high, got [{lo}, {hi}]")
@@ -241,8 +243,6 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         raise _err(path, "machine_types", "must be a list of machine type names")
     heldout = raw.get("heldout") or {}
     if heldout:
-        from raysd.data.heldout import HeldoutConfig
-
         try:
             make_config(HeldoutConfig, heldout, f"{path}: heldout")
         except ValueError as e:
@@ -278,12 +278,3 @@ def tune_space(search: FamilySearch) -> dict[str, Any]:
             out[key] = entry
     out["epochs"] = search.epochs
     return out
-
-
-def split_hp(family: str, params: dict[str, Any]) -> tuple[TrainHP, Any]:
-    """Trial parameters -> (TrainHP, the family's Config)."""
-    cls = get_family(family)
-    shared = config_fields(TrainHP)
-    hp = make_config(TrainHP, {k: v for k, v in params.items() if k in shared}, f"trial of {family}")
-    cfg = make_config(cls.Config, {k: v for k, v in params.items() if k not in shared}, f"trial of {family}")
-    return hp, cfg

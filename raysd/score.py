@@ -22,7 +22,7 @@ length of the training spec, torchaudio resampling and log-mel). Members are loa
 Output: CSV with columns file, machine_type, section, score, decision (1 = anomalous: score above the
 threshold); for the ``recordings`` layout also offset (sample), start_s and end_s of each clip. For long
 recordings (the ``recordings`` layout, or whenever ``--report`` is given) an anomaly report goes to ``--report``
-(default ``./anomalies``; see ``raysd.anomalies``): ``anomalies.csv`` with the ``--top`` clips, their spectrograms
+(default ``./anomalies``; see ``raysd.report.unlabelled``): ``anomalies.csv`` with the ``--top`` clips, their spectrograms
 beside a typical clip, a histogram of all scores and, for members with a bottleneck, an embedding view
 (``--projection pca|tsne|none``). Recordings are read and scored a batch of clips at a time, so a six-hour file
 needs no more memory than a short one. Exit status 0 when every file was scored, 1 when some could not be
@@ -32,172 +32,38 @@ needs no more memory than a short one. Exit status 0 when every file was scored,
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from raysd import storage
-from raysd.atomic import atomic_path
+from raysd import artifacts
+from raysd.artifacts import ArtifactError, Member, TypeModel
+from raysd.atomic import atomic_write_csv
+from raysd.data import audio
+from raysd.data.features import resolve_device
+from raysd.data.names import find_audio as find_audio_under
+from raysd.data.names import parse_name
 from raysd.ensemble import combine_matrix
-from raysd.storage import STATE_FILE, TRIAL_FILE
+from raysd.inference import stream
+from raysd.log import setup_logging
+from raysd.report.unlabelled import DEFAULT_TOP, PROJECTIONS, ReportError, write_report
 
-AUDIO_SUFFIXES = (".wav", ".flac")
-TRAIN_SCORES = "scores_train.csv"
-DEFAULT_QUANTILE = 0.9
+log = logging.getLogger(__name__)
+
 SPLIT_FOLDERS = ("train", "test", "source_test", "target_test")
 OUTPUT_COLUMNS = ["file", "machine_type", "section", "score", "decision"]
 
 
-class ScoreError(RuntimeError):
-    """An ensemble file or input that cannot be scored, with what is wrong."""
-
-
-# ---------------------------------------------------------------------- the ensemble file
-@dataclass
-class Member:
-    name: str
-    trainer: object  # raysd.train.Trainer holding the member's model
-    spec: object  # FeatureSpec
-    weight: float
-    stats: dict[str, tuple[float, float]]  # section -> (mean, std)
-
-
-@dataclass
-class TypeModel:
-    machine_type: str
-    combine: str
-    members: list[Member]
-    threshold: dict[str, float]
-
-    @property
-    def sections(self) -> list[str]:
-        return sorted(self.threshold)
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    return storage.exists(storage.join(str(path), TRIAL_FILE)) and storage.exists(storage.join(str(path), STATE_FILE))
-
-
-def checkpoint_document(ckpt: str, quantile: float = DEFAULT_QUANTILE) -> dict:
-    """An ensemble document of one trial's last checkpoint: the trial alone, its scores standardised per section
-    with its training-clip scores, the decision threshold at ``quantile`` of those standardised scores."""
-    from raysd.ensemble import EnsembleError, fit_stats
-
-    if not 0.0 < quantile < 1.0:
-        raise ScoreError(f"--quantile must be between 0 and 1, got {quantile}")
-    try:
-        trial = storage.read_json(storage.join(ckpt, TRIAL_FILE))
-        train = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(ckpt, TRAIN_SCORES))),
-                            dtype={"section": str, "machine_type": str, "file": str}, keep_default_na=False)
-    except FileNotFoundError as e:
-        raise ScoreError(f"{ckpt}: not the last checkpoint of a trial ({e.filename or e} is missing; only the last "
-                         f"checkpoint holds {TRAIN_SCORES}, needed to standardise and threshold its scores)") from None
-    except (OSError, ValueError) as e:
-        raise ScoreError(f"{ckpt}: cannot read the trial ({type(e).__name__}: {e})") from None
-    for key in ("family", "params", "spec", "info", "machine_type"):
-        if not trial.get(key):
-            raise ScoreError(f"{storage.join(ckpt, TRIAL_FILE)} lacks {key!r}")
-    mt = str(trial["machine_type"])
-    try:
-        stats = fit_stats(train.assign(machine_type=mt), storage.join(ckpt, TRAIN_SCORES))
-    except (EnsembleError, KeyError) as e:
-        raise ScoreError(f"{ckpt}: {e}") from None
-    thr = {}
-    for r in stats.itertuples(index=False):
-        s = train.loc[train["section"].astype(str) == str(r.section), "score"].astype(float).to_numpy()
-        thr[str(r.section)] = float(np.quantile((s - r.mean) / max(r.std, 1e-12), quantile))
-    layout = trial.get("layout") or ("recordings" if "offset" in train.columns else "dcase2020")
-    member = {"name": f"{trial['family']}/{Path(str(ckpt).rstrip('/')).parent.name or 'trial'}",
-              "family": trial["family"], "weight": 1, "checkpoint": str(ckpt),
-              "state": storage.join(str(ckpt), STATE_FILE), "params": trial["params"], "spec": trial["spec"],
-              "info": trial["info"], "epoch": trial.get("epoch"),
-              "stats": {str(r.section): {"mean": float(r.mean), "std": float(r.std), "n": int(r.n)}
-                        for r in stats.itertuples(index=False)}}
-    return {"version": 1, "layout": layout, "quantile": quantile, "source": "checkpoint",
-            "machine_types": {mt: {"ensemble": "single trial", "kind": "single", "combine": "mean",
-                                   "members": [member], "sections": sorted(thr), "threshold": thr}}}
-
-
-def read_ensemble(path: str | os.PathLike, quantile: float = DEFAULT_QUANTILE) -> dict:
-    """An ensemble document from an ``ensemble.json`` or from a trial's checkpoint folder."""
-    if is_checkpoint(path):
-        return checkpoint_document(str(path), quantile)
-    if os.path.isdir(path):
-        raise ScoreError(f"{path}: a folder, but not a trial checkpoint (no {TRIAL_FILE} and {STATE_FILE}); pass an "
-                         "ensemble.json written by python -m raysd.leaderboard or a trial's last checkpoint folder")
-    try:
-        doc = json.loads(storage.read_bytes(path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScoreError(f"{path}: cannot read ensemble file ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("machine_types"), dict) or not doc["machine_types"]:
-        raise ScoreError(f"{path}: not a raysd ensemble file (expected a 'machine_types' mapping as written by "
-                         "python -m raysd.leaderboard)")
-    for mt, e in doc["machine_types"].items():
-        for key in ("combine", "members", "threshold"):
-            if key not in e:
-                raise ScoreError(f"{path}: machine type {mt!r} lacks key {key!r}")
-        for i, m in enumerate(e["members"]):
-            for key in ("family", "params", "spec", "info", "stats"):
-                if not m.get(key):
-                    raise ScoreError(f"{path}: machine type {mt!r}, member {i} ({m.get('name', '?')}) lacks {key!r}")
-            if not (m.get("state") or m.get("checkpoint")):
-                raise ScoreError(f"{path}: machine type {mt!r}, member {i} has no checkpoint")
-    return doc
-
-
-def _resolve(uri: str, base: str) -> str:
-    """Checkpoint paths relative to the ensemble file's folder are allowed (a copied results folder)."""
-    if storage.is_remote(uri) or os.path.isabs(uri) or storage.exists(uri):
-        return uri
-    return str(Path(base).parent / uri)
-
-
-def load_member(entry: dict, device: torch.device, ensemble_path: str) -> Member:
-    """Rebuild one member from its family, hyperparameters and ``state.pt`` (weights only)."""
-    from raysd.data.features import FeatureSpec
-    from raysd.families.base import DataInfo, get_family
-    from raysd.presets import split_hp
-    from raysd.train import Trainer
-
-    name = entry.get("name", entry["family"])
-    hp, cfg = split_hp(entry["family"], entry["params"])
-    family = get_family(entry["family"])(cfg)
-    info = dict(entry["info"])
-    info["class_names"] = tuple(info.get("class_names") or ())
-    info = DataInfo(**info)
-    state_uri = _resolve(entry.get("state") or storage.join(entry["checkpoint"], "state.pt"), ensemble_path)
-    try:
-        blob = storage.read_bytes(state_uri)
-    except OSError as e:
-        raise ScoreError(f"member {name}: cannot read its weights {state_uri} ({e})") from None
-    try:
-        state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
-    except Exception as e:  # an unpickling error names the disallowed global
-        raise ScoreError(f"member {name}: {state_uri} is not a weights-only checkpoint "
-                         f"({type(e).__name__}: {e})") from None
-    trainer = Trainer(family, hp, info, device)
-    try:
-        trainer.model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
-    except (RuntimeError, KeyError) as e:
-        raise ScoreError(f"member {name}: {state_uri} does not fit a {entry['family']} model built from its "
-                         f"hyperparameters ({e})") from None
-    stats = {str(s): (float(v["mean"]), float(v["std"])) for s, v in entry["stats"].items()}
-    return Member(name, trainer, FeatureSpec.from_dict(entry["spec"]), float(entry.get("weight", 1)), stats)
-
-
-def load_type(doc: dict, mt: str, device: torch.device, path: str) -> TypeModel:
-    e = doc["machine_types"][mt]
-    members = [load_member(m, device, path) for m in e["members"]]
-    return TypeModel(mt, e["combine"], members, {str(k): float(v) for k, v in e["threshold"].items()})
+class ScoreError(ArtifactError):
+    """An input that cannot be scored, with what is wrong (an unusable model raises :class:`ArtifactError`)."""
 
 
 # ---------------------------------------------------------------------- which files, which machine / section
@@ -214,10 +80,7 @@ def find_audio(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out += [Path(dirpath) / f for f in sorted(filenames)
-                        if not f.startswith(".") and os.path.splitext(f)[1].lower() in AUDIO_SUFFIXES]
+            out += find_audio_under(p)
         elif p.is_file():
             out.append(p)
         else:
@@ -227,8 +90,6 @@ def find_audio(paths: list[str]) -> list[Path]:
 
 def resolve_items(files: list[Path], doc: dict, machine_type: str | None, section: str | None) -> list[Item]:
     """Machine type and section of each file, or the reason it cannot be scored."""
-    from raysd.data.catalog import parse_name
-
     known = {mt: sorted(str(s) for s in e["threshold"]) for mt, e in doc["machine_types"].items()}
     only = next(iter(known)) if len(known) == 1 and doc.get("layout") == "recordings" else None
     items = []
@@ -268,8 +129,6 @@ def clip_table(items: list[Item], layout: str, clip_seconds: float) -> tuple[pd.
     DCASE layouts: one clip per file. ``recordings``: fixed-length clips, the last kept if at least half a clip
     long, as ``raysd.data.catalog`` cuts them.
     """
-    from raysd.data import audio
-
     rows, bad = [], []
     for it in items:
         try:
@@ -300,9 +159,10 @@ def member_scores(m: Member, table: pd.DataFrame, device: torch.device, batch_si
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """(positions in ``table``, raw anomaly scores, clip embeddings or None) batch by batch, featurised with the
     member's spec and read straight from the files."""
-    from raysd.anomalies import stream
-
-    yield from stream(m.trainer, m.spec, table, device, batch_size, embed=embed, failed=failed, workers=workers)
+    for ok, scores, emb in stream(m.trainer, m.spec, table, device, batch_size, embed=embed, failed=failed,
+                                  workers=workers):
+        assert scores is not None  # stream scores unless told not to
+        yield ok, scores, emb
 
 
 def score_type(model: TypeModel, table: pd.DataFrame, device: torch.device, batch_size: int = 64,
@@ -325,7 +185,7 @@ def score_type(model: TypeModel, table: pd.DataFrame, device: torch.device, batc
                 z[ok, j] = (s - mu[ok]) / sd[ok]
                 if embedder == j and e is None:
                     embedder = j + 1 if j + 1 < len(model.members) else None
-                elif embedder == j:
+                elif embedder == j and e is not None:
                     emb = np.full((len(part), e.shape[1]), np.nan, np.float32) if emb is None else emb
                     emb[ok] = e
         good = np.isfinite(z).all(axis=1)
@@ -352,22 +212,20 @@ class Scored:
 
 def score_all(ensemble: str | os.PathLike, paths: list[str], machine_type: str | None = None,
               section: str | None = None, device: str | None = None, batch_size: int = 64, embed: bool = False,
-              quantile: float = DEFAULT_QUANTILE, workers: int | None = None) -> Scored:
+              quantile: float = artifacts.DEFAULT_QUANTILE, workers: int | None = None) -> Scored:
     """Score audio files / folders with a saved ensemble or trial checkpoint (and embed their clips).
 
     Clips are read ``batch_size`` at a time by ``workers`` threads (default: one per CPU), so memory does not grow
     with the length of a recording."""
-    from raysd.data.features import resolve_device
-
     ensemble = str(ensemble)
-    doc = read_ensemble(ensemble, quantile)
+    doc = artifacts.read_ensemble(ensemble, quantile)
     dev = resolve_device(device)
     items = resolve_items(find_audio(paths), doc, machine_type, section)
     problems = [(str(it.path), it.problem) for it in items if it.problem]
     layout = str(doc.get("layout", ""))
     frames, embeddings = [], {}
-    for mt in sorted({it.machine_type for it in items if not it.problem}):
-        model = load_type(doc, mt, dev, ensemble)
+    for mt in sorted({str(it.machine_type) for it in items if not it.problem}):
+        model = artifacts.load_type(doc, mt, dev, ensemble)
         clip_seconds = model.members[0].spec.clip_seconds
         table, bad = clip_table([it for it in items if not it.problem and it.machine_type == mt], layout, clip_seconds)
         problems += bad
@@ -397,8 +255,6 @@ def score_paths(ensemble: str | os.PathLike, paths: list[str], machine_type: str
 
 def write_reports(s: Scored, out: Path, top: int, projection: str, plots: bool = True) -> list:
     """One anomaly report per machine type (``out`` itself when there is one, else ``out/<machine type>``)."""
-    from raysd.anomalies import write_report
-
     reports = []
     types = sorted(s.table["machine_type"].unique())
     for mt in types:
@@ -412,8 +268,7 @@ def write_reports(s: Scored, out: Path, top: int, projection: str, plots: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysd.anomalies import DEFAULT_TOP, PROJECTIONS, ReportError
-
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m raysd.score", description=__doc__.split("\n\n")[0])
     p.add_argument("ensemble", help="ensemble.json written by python -m raysd.leaderboard, or a trial's last "
                                     "checkpoint folder")
@@ -432,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="embedding view for families with a bottleneck (default pca)")
     p.add_argument("--no-plots", action="store_true",
                    help="anomalies.csv only: no spectrograms, histogram or embedding view")
-    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
+    p.add_argument("--quantile", type=float, default=artifacts.DEFAULT_QUANTILE,
                    help="for a checkpoint folder: decision threshold as this quantile of its standardised training "
-                        f"scores (default {DEFAULT_QUANTILE})")
+                        f"scores (default {artifacts.DEFAULT_QUANTILE})")
     args = p.parse_args(argv)
     if args.section is not None and args.section.isdigit():
         args.section = f"{int(args.section):02d}"
@@ -444,37 +299,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # undecodable clips are reported below instead
-            layout = None if args.no_report else str(read_ensemble(args.ensemble, args.quantile).get("layout", ""))
+            layout = None if args.no_report else str(artifacts.read_ensemble(args.ensemble, args.quantile)
+                                                    .get("layout", ""))
             report = None if args.no_report or (layout != "recordings" and not args.report) else \
                 Path(args.report or "anomalies")
             scored = score_all(args.ensemble, args.paths, args.machine_type, args.section, args.device,
                                args.batch_size, embed=report is not None and not args.no_plots
                                and args.projection != "none", quantile=args.quantile)
-    except (ScoreError, ValueError, KeyError) as e:
+    except (ArtifactError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cols = OUTPUT_COLUMNS + (["offset", "start_s", "end_s"] if scored.layout == "recordings" else [])
     table = scored.table[cols]
     if args.out:
-        with atomic_path(args.out) as tmp:
-            table.to_csv(tmp, index=False)
-        print(f"[raysd] {len(table)} clip scores written to {args.out} "
-              f"({int(table['decision'].sum()) if len(table) else 0} above threshold)", file=sys.stderr)
+        atomic_write_csv(table, args.out)
+        log.info("%d clip scores written to %s (%d above threshold)", len(table), args.out,
+                 int(table["decision"].sum()) if len(table) else 0)
     else:
         table.to_csv(sys.stdout, index=False)
     if report is not None and len(scored.table):
         try:
             for r in write_reports(scored, report, args.top, args.projection, plots=not args.no_plots):
-                print(f"[raysd] strangest {len(r.top)} clips: {r.csv}", file=sys.stderr)
+                log.info("strangest %d clips: %s", len(r.top), r.csv)
                 for n in r.notes:
-                    print(f"[raysd]   {n}", file=sys.stderr)
+                    log.info("  %s", n)
         except ReportError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if scored.problems:
-        print(f"[raysd] {len(scored.problems)} file(s) not scored:", file=sys.stderr)
-        for f, why in scored.problems:
-            print(f"  {f}: {why}", file=sys.stderr)
+        log.info("%d file(s) not scored:%s", len(scored.problems),
+                 "".join(f"\n  {f}: {why}" for f, why in scored.problems))
     return 1 if scored.problems else 0
 
 

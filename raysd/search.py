@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shlex
 import signal
@@ -20,14 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysd import storage
+from raysd import leaderboard, storage
+from raysd.cluster import (
+    BOOTSTRAP_CONFIG,
+    DRIVER_CPU,
+    InfeasibleTrial,
+    autoscaler_nodes,
+    check_resources,
+    cluster_capacity,
+    present_nodes,
+    total_resources,
+)
+from raysd.data import synth
+from raysd.data.catalog import Catalog
+from raysd.data.heldout import HeldoutConfig, assign
+from raysd.data.store import FeatureStore
+from raysd.families.hparams import make_config
+from raysd.log import setup_logging
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
 from raysd.trial import StudyJob, ended_run, run_trial
+from raysd.tune_optuna import ResumableOptunaSearch
 
-
-DRIVER_CPU = 0.001
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster YAML as the launcher leaves it on the head
+log = logging.getLogger(__name__)
 
 
 class SearchError(RuntimeError):
@@ -66,21 +82,17 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
             f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR "
             f"(it prints the --data-root to pass)\n"
             f"  Or try the whole loop on synthetic machine sounds first: python -m raysd.search demo")
-    from raysd.data import synth
-
     seed = int(preset.dataset.get("synthetic_seed", 0))
     layout = preset.dataset.get("synthetic_layout", "dcase2020")
     out = cache_dir / "synthetic" / f"{synthetic}-{layout}-seed{seed}"
     if not quiet:
         done = (out / "synth_config.json").exists()
-        print(f"[raysd] no data root given: {'using' if done else 'generating'} synthetic machine sounds "
-              f"(preset '{synthetic}') in {out}")
+        log.info(f"no data root given: {'using' if done else 'generating'} synthetic machine sounds "
+                 f"(preset '{synthetic}') in {out}")
     return synth.generate(out, preset=synthetic, seed=seed, layout=layout)  # returns at once when complete
 
 
 def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
-    from raysd.data.catalog import Catalog
-
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     root = resolve_data(preset, args.data_root, cache_dir)
     catalog = Catalog.scan(root, clip_seconds=preset.features.clip_seconds,
@@ -96,9 +108,6 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
         raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
     study_table = None
     if preset.heldout:
-        from raysd.data.heldout import HeldoutConfig, assign
-        from raysd.families.base import make_config
-
         study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
     experiment = experiment_path(preset, args)
     res = resources(preset, args)
@@ -179,132 +188,12 @@ def feature_specs(plan: Plan) -> list:
 
 def warm_cache(plan: Plan) -> None:
     """Fill the feature cache once for every crop variant the preset searches, before trials start."""
-    from raysd.data.features import FeatureStore
-
     for spec in feature_specs(plan):
         t0 = time.perf_counter()
         store = FeatureStore.open(plan.catalog, spec, plan.studies[0].cache_dir)
-        print(f"[raysd] features {spec.key()} ({spec.kept_mels} mels x {spec.n_frames} frames): "
-              f"{len(plan.catalog.table)} clips ready in {time.perf_counter() - t0:.1f}s"
-              + (f", {len(store.failed)} unreadable clip(s) skipped" if getattr(store, "failed", None) else ""))
-
-
-def trial_resources(job: StudyJob) -> dict[str, float]:
-    return {"CPU": job.workers * job.cpus_per_worker + DRIVER_CPU, "GPU": job.workers * job.gpus_per_worker if job.use_gpu else 0.0}
-
-
-def autoscaler_nodes(config_path: Path = BOOTSTRAP_CONFIG) -> list[dict[str, float]] | None:
-    """The CPUs and GPUs of every node of the largest cluster the autoscaler may build: the head plus worker
-    nodes up to each type's ``max_workers`` and the cluster's ``max_workers``, biggest nodes first. Read from
-    the cluster launcher's config on the head node (the file Ray Tune also looks for); None when there is none."""
-    import yaml
-
-    path = config_path.expanduser()
-    if not path.is_file():
-        return None
-    try:
-        config = yaml.safe_load(path.read_text())
-        types = config["available_node_types"]
-        head = types[config["head_node_type"]].get("resources", {})
-        workers = sorted(((t.get("resources", {}), int(t.get("max_workers", 0)))
-                          for name, t in types.items() if name != config["head_node_type"]),
-                         key=lambda rw: (rw[0].get("GPU", 0), rw[0].get("CPU", 0)), reverse=True)
-        left = int(config.get("max_workers", sum(n for _, n in workers)))
-        nodes = [_cpu_gpu(head)]
-        for res, n in workers:
-            n = min(n, left)
-            left -= n
-            nodes += [_cpu_gpu(res)] * n
-    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as e:
-        print(f"[raysd] warning: cannot read the autoscaler config {path} ({type(e).__name__}: {e}); "
-              "sizing concurrency from the nodes present now", file=sys.stderr)
-        return None
-    return nodes
-
-
-def _cpu_gpu(resources: dict) -> dict[str, float]:
-    return {k: float(resources.get(k, 0)) for k in ("CPU", "GPU")}
-
-
-def autoscaler_max_resources(config_path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
-    """Total CPUs and GPUs of :func:`autoscaler_nodes`; None without an autoscaler config."""
-    nodes = autoscaler_nodes(config_path)
-    return None if nodes is None else total_resources(nodes)
-
-
-def total_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(n[k] for n in nodes) for k in ("CPU", "GPU")}
-
-
-def present_nodes() -> list[dict[str, float]]:
-    import ray
-
-    return [_cpu_gpu(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def _workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]) -> int:
-    """How many workers of ``per_worker`` (one bundle each, never split across nodes) the nodes hold at once,
-    next to the trial driver's token CPU share on one of them."""
-    need = {k: v for k, v in per_worker.items() if v > 0}
-
-    def held(node: dict[str, float]) -> int:
-        return min(int(node[k] / v + 1e-9) for k, v in need.items()) if need else 1
-
-    counts = [held(n) for n in nodes]
-    with_driver = [held({**n, "CPU": n["CPU"] - DRIVER_CPU}) - c for n, c in zip(nodes, counts) if n["CPU"] >= DRIVER_CPU]
-    return sum(counts) + max(with_driver, default=-sum(counts))
-
-
-def infeasible_reason(job: StudyJob, nodes: list[dict[str, float]], autoscaling: bool) -> str | None:
-    """Why no cluster of ``nodes`` can ever run a trial of ``job``, with the override that fixes it; None
-    when it can. Each DDP worker is one bundle (its CPUs and GPUs on one node); the trial's driver takes a
-    token CPU share anywhere."""
-    gpus = job.gpus_per_worker if job.use_gpu else 0.0
-    per_worker = {"CPU": job.cpus_per_worker, "GPU": gpus}
-    if _workers_that_fit(nodes, per_worker) >= job.workers:
-        return None
-    where = "no node this cluster has or its autoscaler may add" if autoscaling else "no node of this cluster"
-    most_gpu = max((n["GPU"] for n in nodes), default=0.0)
-    asks = (f"study {job.study} asks for {job.workers} worker(s) x {job.cpus_per_worker:g} CPU"
-            + (f" + {gpus:g} GPU" if gpus else ""))
-    if gpus and most_gpu == 0:
-        return (f"{asks}, but {where} has a GPU. Train on CPU with --gpus-per-worker 0 "
-                "(and --cpus-per-worker N to size each worker), or attach a cluster with GPUs")
-    if gpus and most_gpu < gpus:
-        return f"{asks}, but {where} has more than {most_gpu:g} GPU(s). Pass --gpus-per-worker {most_gpu:g}"
-    fit = _workers_that_fit(nodes, per_worker)
-    if fit == 0:
-        able = [n for n in nodes if n["GPU"] >= gpus]
-        most_cpu = max((n["CPU"] for n in able), default=0.0)
-        options = {float(int(n["CPU"] - d)) for n in able for d in (0.0, DRIVER_CPU)} - {0.0}
-        cpus = max((c for c in options if _workers_that_fit(nodes, {"CPU": c, "GPU": gpus}) >= 1), default=None)
-        kind = "node with a GPU" if gpus else "node"
-        return (f"{asks}, but the largest {kind} has {most_cpu:g} CPU(s)"
-                + (", one share of which the trial's driver needs" if most_cpu >= job.cpus_per_worker else "")
-                + (f". Pass --cpus-per-worker {cpus:g} (or fewer)" if cpus else ""))
-    return f"{asks}, but the cluster holds at most {fit} such worker(s) at once. Pass --workers {fit}"
-
-
-def check_resources(jobs: list[StudyJob], present: list[dict[str, float]],
-                    autoscaled: list[dict[str, float]] | None) -> None:
-    """Fail before any trial starts when a trial asks for what the cluster can never provide (Ray would wait
-    forever on 'No available node types can fulfill resource request'). On an autoscaling cluster, judge by
-    the largest cluster the autoscaler may build."""
-    for job in jobs:
-        reason = infeasible_reason(job, present, autoscaling=False)
-        if reason and autoscaled is not None:
-            reason = infeasible_reason(job, autoscaled, autoscaling=True)
-        if reason:
-            raise SearchError(reason + " (or --no-resource-check to wait for resources anyway).")
-
-
-def cluster_capacity(jobs: list[StudyJob], present: dict[str, float], most: dict[str, float] | None = None) -> int:
-    """How many trials of the largest kind fit at once (at least 1) on the cluster's resources ``present``
-    now or, on an autoscaling cluster, on the ``most`` it may grow to."""
-    total = {k: max(present.get(k, 0.0), (most or {}).get(k, 0.0)) for k in ("CPU", "GPU")}
-    need = max((trial_resources(j) for j in jobs), key=lambda r: (r["GPU"], r["CPU"]))
-    fits = [int(total.get(k, 0) // v) for k, v in need.items() if v > 0]
-    return max(1, min(fits) if fits else 1)
+        log.info(f"features {spec.key()} ({spec.kept_mels} mels x {spec.n_frames} frames): "
+                 f"{len(plan.catalog.table)} clips ready in {time.perf_counter() - t0:.1f}s"
+                 + (f", {len(store.failed)} unreadable clip(s) skipped" if getattr(store, "failed", None) else ""))
 
 
 def optuna_storage_url(experiment: str, study: str, override: str | None) -> str:
@@ -341,15 +230,15 @@ def trial_line_callback(study: str, metric: str):
     class TrialLines(Callback):
         def __init__(self, study: str, metric: str):
             self.study, self.metric = study, metric
+            setup_logging(stream="stdout")  # runs in the study's Ray task; Ray forwards its stdout to the driver
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             value = (trial.last_result or {}).get(self.metric)
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-            print(f"[raysd] {self.study} trial {trial.trial_id} finished: {self.metric}={shown}", flush=True)
+            log.info(f"{self.study} trial {trial.trial_id} finished: {self.metric}={shown}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[raysd] {self.study} trial {trial.trial_id} failed "
-                  f"(reason in trials/{self.study}/{trial.trial_id}.json)", flush=True)
+            log.warning(f"{self.study} trial {trial.trial_id} failed (reason in trials/{self.study}/{trial.trial_id}.json)")
 
     return TrialLines(study, metric)
 
@@ -360,8 +249,6 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     import ray.tune
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from raysd.tune_optuna import ResumableOptunaSearch
 
     # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
     # empty request, so it holds a token CPU share (see init_ray for the local case).
@@ -471,6 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    setup_logging(stream="stdout")
     try:
         preset = load_preset(args.preset)
         res = resources(preset, args)
@@ -493,13 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started_ray = init_ray()
         return run_search(plan, args, epochs)
-    except SearchError as e:
+    except (SearchError, InfeasibleTrial) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
-        print(f"\n[raysd] interrupted: {finished_summary(plan)}; nothing finished is lost. Resume with: "
-              f"{resume_command(argv)}", file=sys.stderr, flush=True)
+        log.warning(f"interrupted: {finished_summary(plan)}; nothing finished is lost. Resume with: "
+                    f"{resume_command(argv)}")
         return 130
     finally:
         if started_ray:
@@ -527,8 +415,8 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     most_total = total_resources(most) if most is not None else None
     capacity = cluster_capacity(plan.studies, ray.cluster_resources(), most_total)
     if most_total is not None:
-        print(f"[raysd] autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
-              f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
+        log.info(f"autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
+                 f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
     concurrency = args.concurrency or capacity
     per_study = max(1, capacity // min(concurrency, len(plan.studies)))
     seed = args.seed if args.seed is not None else preset.seed
@@ -550,12 +438,12 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
                 summary = ray.get(ref)
                 summaries.append(summary)
                 best = summary["best"]
-                print(f"[raysd] study {job.study} done: {summary['trials']} trials, {summary['errors']} failed; best "
-                      + (f"{preset.metric}={best[preset.metric]:.4f}" if best else "none"))
+                log.info(f"study {job.study} done: {summary['trials']} trials, {summary['errors']} failed; best "
+                         + (f"{preset.metric}={best[preset.metric]:.4f}" if best else "none"))
             except Exception as e:  # a study that crashed must not stop the others
                 failures.append((job.study, e))
-                print(f"[raysd] study {job.study} crashed: {e}", file=sys.stderr)
-    print(f"[raysd] {len(summaries)} studies finished in {time.time() - t0:.0f}s; experiment: {plan.experiment}")
+                log.error(f"study {job.study} crashed: {e}")
+    log.info(f"{len(summaries)} studies finished in {time.time() - t0:.0f}s; experiment: {plan.experiment}")
     storage.write_json(storage.join(plan.experiment, "studies.json"), summaries)
     if not args.no_leaderboard:
         run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name))
@@ -580,16 +468,14 @@ def resume_command(argv: list[str]) -> str:
 
 def run_leaderboard(plan: Plan, out: str) -> None:
     """Build the reports; a failure here is reported but never loses the finished search."""
-    from raysd import leaderboard
-
     try:
         rc = leaderboard.main([plan.experiment, "--out", out])
     except Exception as e:  # the trials and their score tables are safe in the experiment folder
-        print(f"[raysd] leaderboard failed ({type(e).__name__}: {e}); rerun it with: "
-              f"python -m raysd.leaderboard {plan.experiment} --out {out}", file=sys.stderr)
+        log.error(f"leaderboard failed ({type(e).__name__}: {e}); rerun it with: "
+                  f"python -m raysd.leaderboard {plan.experiment} --out {out}")
         return
     if rc == 0:
-        print(f"[raysd] reports written to {out}")
+        log.info(f"reports written to {out}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,6 @@ from typing import Any
 
 from raysd.atomic import atomic_path
 
-# A trial checkpoint's files (written by raysd.trial, read by the leaderboard and the scorer).
-STATE_FILE = "state.pt"
-TRIAL_FILE = "trial.json"
-FAILED_FILE = "failed.json"
-
 
 def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")

@@ -1,21 +1,28 @@
-"""The per-worker training loop. It knows the Family interface, never a family's name.
+"""The one epoch loop. It knows the Family interface, never a family's name.
 
 :class:`Trainer` runs the same code in a plain process (tests, benchmarks, a GPU box without Ray) and
 inside a Ray Train worker, where the model is wrapped by ``ray.train.torch.prepare_model`` (DDP) and
-each worker holds its own shard of the clips on its device.
+each worker holds its own shard of the clips on its device. :meth:`Trainer.fit` owns the loop; what
+happens around it is a :class:`Hook`: anomaly pruning (:class:`Pruning`, always on, idle unless the
+hyperparameters ask for it), and in a trial the cross-worker agreement on failures, scoring, checkpoints
+and reports (``raysd.trial``).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from raysd.families.base import ClipSet, DataInfo, Family, TrainHP
+from raysd.families.base import Family
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import TrainHP
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,6 +61,74 @@ class EpochStats:
     seconds: float
 
 
+class Hook:
+    """Something :meth:`Trainer.fit` calls around its epochs; every method does nothing by default."""
+
+    def agree(self, trainer: Trainer, failure: str | None) -> str | None:
+        """After each epoch's training: the failure every worker acts on (e.g. gathered across ranks)."""
+        return failure
+
+    def epoch_end(self, trainer: Trainer, stats: EpochStats, data: ClipSet) -> None:
+        """After each successful epoch; ``data`` is every clip ``fit`` was given (pruned ones included)."""
+
+
+class EpochCallback(Hook):
+    """Calls ``fn(epoch, stats)`` at each epoch end."""
+
+    def __init__(self, fn: Callable[[int, EpochStats], None]):
+        self.fn = fn
+
+    def epoch_end(self, trainer: Trainer, stats: EpochStats, data: ClipSet) -> None:
+        self.fn(trainer.epoch, stats)
+
+
+class Pruning(Hook):
+    """Anomaly pruning: every ``prune_every`` epochs (not after the last) drop ``round(prune_fraction *
+    remaining)`` training clips with the highest current anomaly score (for reconstruction families, their
+    reconstruction error) from the next epochs.
+
+    ``active`` holds the indices of the clips still trained on (None: all), ``pruned`` the (epoch, clip index,
+    score) of each dropped clip; both travel in the trainer's ``state_dict``.
+    """
+
+    def __init__(self, every: int, fraction: float, epochs: int):
+        self.every = every
+        self.fraction = fraction
+        self.epochs = epochs
+        self.active: torch.Tensor | None = None
+        self.pruned: list[tuple[int, int, float]] = []
+
+    def due(self, epoch: int) -> bool:
+        return self.every > 0 and self.fraction > 0 and epoch % self.every == 0 and epoch < self.epochs
+
+    def epoch_end(self, trainer: Trainer, stats: EpochStats, data: ClipSet) -> None:
+        if self.due(trainer.epoch):
+            self.prune(trainer, data)
+
+    def prune(self, trainer: Trainer, data: ClipSet) -> torch.Tensor:
+        """Drop the worst-scoring clips of ``data``; returns their indices (also recorded in ``pruned``)."""
+        active = self.active if self.active is not None else torch.arange(len(data))
+        trainer.after_training(data.subset(active))
+        scores = trainer.score(data.subset(active))
+        k = int(round(self.fraction * len(active)))
+        order = np.argsort(-scores, kind="stable")
+        dropped, kept = active[torch.from_numpy(order[:k])], active[torch.from_numpy(np.sort(order[k:]))]
+        self.active = kept
+        self.pruned.extend((trainer.epoch, int(i), float(scores[j])) for i, j in zip(dropped, order[:k]))
+        return dropped
+
+    def kept(self, data: ClipSet) -> ClipSet:
+        """The clips still trained on (all of them unless some were pruned)."""
+        return data if self.active is None else data.subset(self.active)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "pruned": torch.tensor(self.pruned, dtype=torch.float64).reshape(-1, 3)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = state.get("active")
+        self.pruned = [(int(e), int(i), float(v)) for e, i, v in state.get("pruned", torch.zeros(0, 3)).tolist()]
+
+
 class Trainer:
     """Builds, trains and scores one model of one family on one study's data."""
 
@@ -72,15 +147,23 @@ class Trainer:
         self.dtype = amp_dtype(hp, self.device)
         self.generator = torch.Generator().manual_seed(hp.seed)
         self.epoch = 0
-        self.active: torch.Tensor | None = None  # indices of the training clips still trained on
-        self.pruned: list[tuple[int, int, float]] = []  # (epoch, clip index, score) of dropped clips
+        self.prepared = False  # the family's before_training hook has run (or a state was loaded)
+        self.pruning = Pruning(hp.prune_every, hp.prune_fraction, hp.epochs)
+
+    @property
+    def active(self) -> torch.Tensor | None:
+        """Indices of the training clips still trained on (None: all)."""
+        return self.pruning.active
+
+    @property
+    def pruned(self) -> list[tuple[int, int, float]]:
+        """(epoch, clip index, score) of each clip that pruning dropped."""
+        return self.pruning.pruned
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def train_epoch(self, data: ClipSet) -> EpochStats:
-        import time
-
         self.net.train()
         t0 = time.perf_counter()
         total = torch.zeros((), device=self.device)
@@ -118,6 +201,7 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             self.family.before_training(self.model, data)
+        self.prepared = True
 
     def after_training(self, data: ClipSet) -> None:
         self.model.eval()
@@ -135,57 +219,48 @@ class Trainer:
             out.append(s.float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 
-    def pruning_due(self) -> bool:
-        hp = self.hp
-        return hp.prune_every > 0 and hp.prune_fraction > 0 and self.epoch % hp.prune_every == 0 \
-            and self.epoch < hp.epochs
-
-    def prune(self, data: ClipSet) -> torch.Tensor:
-        """Drop ``round(prune_fraction * remaining)`` training clips with the highest current anomaly
-        score (for reconstruction families, their reconstruction error) from the next epochs.
-
-        Returns the dropped indices (into ``data``); they are also recorded in ``self.pruned``."""
-        active = self.active if self.active is not None else torch.arange(len(data))
-        self.after_training(data.subset(active))
-        scores = self.score(data.subset(active))
-        k = int(round(self.hp.prune_fraction * len(active)))
-        order = np.argsort(-scores, kind="stable")
-        dropped, kept = active[torch.from_numpy(order[:k])], active[torch.from_numpy(np.sort(order[k:]))]
-        self.active = kept
-        self.pruned.extend((self.epoch, int(i), float(scores[j])) for i, j in zip(dropped, order[:k]))
-        return dropped
-
     def training_data(self, data: ClipSet) -> ClipSet:
         """The clips still trained on (all of them unless some were pruned)."""
-        return data if self.active is None else data.subset(self.active)
+        return self.pruning.kept(data)
 
-    def fit(self, data: ClipSet, epochs: int | None = None,
-            on_epoch: Callable[[int, EpochStats], None] | None = None) -> list[EpochStats]:
-        """Plain training: hooks, ``epochs`` epochs (default ``hp.epochs``) with optional pruning, hooks."""
-        if self.epoch == 0:
+    def fit(self, data: ClipSet, epochs: int | None = None, on_epoch: Callable[[int, EpochStats], None] | None = None,
+            hooks: Iterable[Hook] = (), after: bool = True) -> list[EpochStats]:
+        """Train ``epochs`` epochs (default ``hp.epochs``) on ``data``.
+
+        Runs the family's ``before_training`` hook first unless it has run (or a state was loaded). After each
+        epoch: ``on_epoch(epoch, stats)``, pruning, then ``hooks`` in order. With ``after``, the family's
+        ``after_training`` hook runs on the clips still trained on at the end. A non-finite loss raises
+        :class:`NonFiniteLoss` once the hooks have agreed on it.
+        """
+        if not self.prepared:
             self.before_training(data)
+        order: Sequence[Hook] = [*([EpochCallback(on_epoch)] if on_epoch is not None else []), self.pruning, *hooks]
         stats = []
-        current = self.training_data(data)
         for _ in range(epochs if epochs is not None else self.hp.epochs):
-            s = self.train_epoch(current)
+            failure = None
+            try:
+                s = self.train_epoch(self.training_data(data))
+            except NonFiniteLoss as e:
+                failure = str(e)
+            for h in order:
+                failure = h.agree(self, failure)
+            if failure:
+                raise NonFiniteLoss(failure)
             stats.append(s)
-            if on_epoch is not None:
-                on_epoch(self.epoch, s)
-            if self.pruning_due():
-                self.prune(data)
-                current = self.training_data(data)
-        self.after_training(current)
+            for h in order:
+                h.epoch_end(self, s, data)
+        if after:
+            self.after_training(self.training_data(data))
         return stats
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                "generator": self.generator.get_state(), "active": self.active,
-                "pruned": torch.tensor(self.pruned, dtype=torch.float64).reshape(-1, 3)}
+                "generator": self.generator.get_state(), **self.pruning.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
-        self.active = state.get("active")
-        self.pruned = [(int(e), int(i), float(v)) for e, i, v in state.get("pruned", torch.zeros(0, 3)).tolist()]
+        self.pruning.load_state_dict(state)
+        self.prepared = True

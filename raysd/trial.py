@@ -10,7 +10,7 @@ outcome, failed ones included, with the reason.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import tempfile
 import time
@@ -22,12 +22,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysd import storage
+from raysd import artifacts, storage
+from raysd.artifacts import CheckpointInfo, TrialRecord
+from raysd.data.catalog import Catalog
 from raysd.data.features import FeatureSpec
-from raysd.families.base import ClipSet, get_family
-from raysd.presets import split_hp
-from raysd.storage import FAILED_FILE, STATE_FILE, TRIAL_FILE
-from raysd.train import NonFiniteLoss, Trainer, shard_indices
+from raysd.data.store import FeatureStore
+from raysd.data.study import StudyData, load_study
+from raysd.data.views import View
+from raysd.families.base import create_family
+from raysd.families.clips import ClipSet
+from raysd.metrics import evaluate, split_half
+from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
 TRAIN_POLL_S = "0.5"
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
@@ -62,22 +67,15 @@ class StudyJob:
 
     @property
     def train_storage(self) -> str:
-        return storage.join(self.experiment, "train", self.study)
-
-    def trial_record(self, trial_id: str) -> str:
-        return storage.join(self.experiment, "trials", self.study, f"{trial_id}.json")
+        return artifacts.train_storage(self.experiment, self.study)
 
 
 def test_half(files: pd.Series) -> np.ndarray:
-    from raysd.metrics import split_half
-
     return np.array([split_half(f) for f in files], dtype=object)
 
 
 def selection_metrics(table: pd.DataFrame, rule: str) -> dict[str, float]:
     """sel_auc / sel_pauc (mean over sections) and sel_official (the year's official aggregate)."""
-    from raysd.metrics import evaluate
-
     sel = table[(table["half"] == "selection") & table["label"].notna()]
     if sel.empty or sel["label"].nunique() < 2:
         return {}
@@ -140,21 +138,16 @@ def failure_metrics(reason: str, epoch: int) -> dict[str, Any]:
 def ended_run(run_dir: str) -> tuple[dict[str, Any], str] | None:
     """The last report and checkpoint of a Train run that has already ended (finished or failed), read from
     its newest checkpoint in storage; None when there is none or it is not a complete final one."""
-    files: dict[str, set[str]] = {}
-    for f in storage.list_files(run_dir):
-        folder, name = f.rsplit("/", 1)
-        if folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
-            files.setdefault(folder, set()).add(name)
-    if not files:
+    found = artifacts.newest_checkpoint(run_dir)
+    if found is None:
         return None
-    newest = max(files)  # Train names checkpoints by their time
-    present = files[newest]
-    if FAILED_FILE in present:
-        info = storage.read_json(storage.join(newest, FAILED_FILE))
+    newest, present = found
+    if artifacts.FAILED_FILE in present:
+        info = artifacts.read_failure(newest)
         return failure_metrics(info["reason"], info["epoch"]), newest
-    if not {TRIAL_FILE, STATE_FILE, "scores_test.csv", "scores_train.csv"} <= present:
+    if not artifacts.FINAL_FILES <= present:
         return None
-    metrics = storage.read_json(storage.join(newest, TRIAL_FILE)).get("final_metrics")
+    metrics = artifacts.read_checkpoint_info(newest).get("final_metrics")
     return (metrics, newest) if metrics else None
 
 
@@ -167,30 +160,30 @@ def report_failure(reason: str, epoch: int, rank: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            (Path(d) / FAILED_FILE).write_text(json.dumps({"reason": reason, "epoch": epoch}))
+            artifacts.write_failure(d, reason, epoch)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_worker(cfg: dict) -> None:
-    """Ray Train per-worker loop (runs on every DDP worker)."""
-    import ray
-    import ray.train
-    import ray.train.torch
+@dataclass
+class WorkerData:
+    """One worker's view of a study: every training clip, its shard, held-out and test clips on the device."""
 
-    from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureStore
-    from raysd.data.study import load_study
+    study: StudyData
+    spec: FeatureSpec
+    train_full: ClipSet
+    shard_idx: torch.Tensor
+    shard: ClipSet
+    heldout: ClipSet | None
+    test: ClipSet
+    test_rows: pd.DataFrame
+    sel_set: ClipSet  # the labelled selection half of the test clips
+    sel_rows: pd.DataFrame
 
-    job: StudyJob = cfg["job"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    hp, fam_cfg = split_hp(job.family, cfg["params"])
-    family = get_family(job.family)(fam_cfg)
-    view = family.view()
 
-    spec = FeatureSpec.from_dict(job.spec).with_crop(hp.crop)
+def worker_data(job: StudyJob, hp_crop: str, view: View, device: torch.device, rank: int, world: int) -> WorkerData:
+    """Open the feature cache and lay out the study's clips for one worker."""
+    spec = FeatureSpec.from_dict(job.spec).with_crop(hp_crop)
     catalog = Catalog(job.catalog, job.data_root, job.layout)
     store = FeatureStore.open(catalog, spec, job.cache_dir)
     if job.study_table is not None:
@@ -198,82 +191,103 @@ def train_worker(cfg: dict) -> None:
     study = load_study(catalog, store, job.machine_type)
     train_full = study.train_set(view).to(device)
     shard_idx = shard_indices(len(train_full), rank, world)
-    shard = train_full.subset(shard_idx)
-    heldout = study.heldout_set(view).to(device) if study.has_heldout else None
     test = study.test_set(view)
     test_rows = study.test_table.reset_index(drop=True)
     labelled = test_rows["label"].notna().to_numpy()
     halves = test_half(test_rows["file"])
     sel_idx = torch.from_numpy(np.flatnonzero(labelled & (halves == "selection")))
-    sel_set = test.subset(sel_idx).to(device)
-    sel_rows = test_rows.iloc[sel_idx.numpy()]
+    return WorkerData(study, spec, train_full, shard_idx, train_full.subset(shard_idx),
+                      study.heldout_set(view).to(device) if study.has_heldout else None, test, test_rows,
+                      test.subset(sel_idx).to(device), test_rows.iloc[sel_idx.numpy()])
 
-    trainer = Trainer(family, hp, study.info, device, wrap=ray.train.torch.prepare_model)
+
+class TrialReport(Hook):
+    """A trial's epoch end on every worker: agree on failures across ranks, refit the family's post-training
+    state on the clips no rank pruned, score the selection half, and report the metrics with a checkpoint
+    (the last one with the per-clip score tables, written by rank 0 through :mod:`raysd.artifacts`)."""
+
+    def __init__(self, job: StudyJob, params: dict, data: WorkerData, rank: int, world: int, nodes: list[str]):
+        self.job, self.params, self.data = job, params, data
+        self.rank, self.world, self.nodes = rank, world, nodes
+        self.t_start = time.perf_counter()
+
+    def agree(self, trainer: Trainer, failure: str | None) -> str | None:
+        return next((f for f in _gather(failure, self.world) if f), None)  # every rank stops together
+
+    def kept_full(self, trainer: Trainer) -> ClipSet:
+        """Training clips of every rank that pruning has not dropped (identical on every rank)."""
+        dropped = set()
+        for part in _gather([int(self.data.shard_idx[i]) for _, i, _ in trainer.pruned], self.world):
+            dropped.update(part)
+        if not dropped:
+            return self.data.train_full
+        keep = torch.tensor([i for i in range(len(self.data.train_full)) if i not in dropped])
+        return self.data.train_full.subset(keep)
+
+    def epoch_end(self, trainer: Trainer, stats: EpochStats, data: ClipSet) -> None:
+        import ray.train
+
+        d, rank, world = self.data, self.rank, self.world
+        trainer.after_training(self.kept_full(trainer))
+        last = trainer.epoch >= trainer.hp.epochs
+        sel_scores = distributed_scores(trainer, d.sel_set, rank, world)
+        metrics: dict[str, Any] = {"epoch": trainer.epoch, "train_loss": stats.loss, "nodes": ",".join(self.nodes),
+                                   "samples_per_s": stats.samples * world / max(stats.seconds, 1e-9)}
+        metrics.update(selection_metrics(score_table(d.sel_rows, sel_scores), self.job.rule))
+        if d.heldout is not None and rank == 0:
+            metrics["heldout_loss"] = trainer.eval_loss(d.heldout)
+        if trainer.pruned:
+            metrics["pruned_clips"] = len(trainer.pruned) * world
+        tables: dict[str, pd.DataFrame | None] = {}
+        if last:
+            pruned_all = [row for part in _gather([(e, int(d.shard_idx[i]), v) for e, i, v in trainer.pruned], world)
+                          for row in part]
+            test_scores = distributed_scores(trainer, d.test.to(trainer.device), rank, world)
+            train_scores = distributed_scores(trainer, d.train_full, rank, world)
+            metrics["train_seconds"] = time.perf_counter() - self.t_start
+            if rank == 0:
+                tables = {"test": score_table(d.test_rows, test_scores),
+                          "train": score_table(d.study.train_table, train_scores),
+                          "heldout": score_table(d.study.heldout_table, distributed_scores(trainer, d.heldout, 0, 1))
+                          if d.heldout is not None else None,
+                          "pruned": pruned_table(d.study.train_table, pruned_all) if pruned_all else None}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                info = CheckpointInfo(family=self.job.family, machine_type=self.job.machine_type,
+                                      layout=self.job.layout, params=self.params, spec=d.spec.to_dict(),
+                                      info=d.study.info.__dict__, epoch=trainer.epoch,
+                                      final_metrics=metrics if last else None)
+                artifacts.write_checkpoint(tmp, trainer.state_dict(), info, **tables)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(cfg: dict) -> None:
+    """Ray Train per-worker function: set up, ``trainer.fit`` with the trial's report hook."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    job: StudyJob = cfg["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    family, hp = create_family(job.family, cfg["params"])
+    data = worker_data(job, hp.crop, family.view(), device, rank, world)
+    trainer = Trainer(family, hp, data.study.info, device, wrap=ray.train.torch.prepare_model)
     nodes = sorted(set(_gather(ray.get_runtime_context().get_node_id(), world)))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # never a run that had ended: run_trial reports those itself (ended_run)
         with ckpt.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True))
+            trainer.load_state_dict(artifacts.load_state(str(Path(d) / artifacts.STATE_FILE), device, "trial"))
     else:
-        trainer.before_training(train_full)
-
-    def kept_full() -> ClipSet:
-        """Training clips of every rank that pruning has not dropped (identical on every rank)."""
-        dropped = set()
-        for part in _gather([int(shard_idx[i]) for _, i, _ in trainer.pruned], world):
-            dropped.update(part)
-        if not dropped:
-            return train_full
-        keep = torch.tensor([i for i in range(len(train_full)) if i not in dropped])
-        return train_full.subset(keep)
-
-    t_start = time.perf_counter()
-    while trainer.epoch < hp.epochs:
-        failure = None
-        try:
-            stats = trainer.train_epoch(trainer.training_data(shard))
-        except NonFiniteLoss as e:
-            failure = str(e)
-        failures = [f for f in _gather(failure, world) if f]  # every rank stops together
-        if failures:
-            report_failure(failures[0], trainer.epoch + 1, rank)
-            return
-        if trainer.pruning_due():
-            trainer.prune(shard)
-        trainer.after_training(kept_full())
-        last = trainer.epoch >= hp.epochs
-        sel_scores = distributed_scores(trainer, sel_set, rank, world)
-        metrics: dict[str, Any] = {"epoch": trainer.epoch, "train_loss": stats.loss, "nodes": ",".join(nodes),
-                                   "samples_per_s": stats.samples * world / max(stats.seconds, 1e-9)}
-        metrics.update(selection_metrics(score_table(sel_rows, sel_scores), job.rule))
-        if heldout is not None and rank == 0:
-            metrics["heldout_loss"] = trainer.eval_loss(heldout)
-        if trainer.pruned:
-            metrics["pruned_clips"] = len(trainer.pruned) * world
-        if last:
-            pruned_all = [row for part in _gather([(e, int(shard_idx[i]), v) for e, i, v in trainer.pruned], world)
-                          for row in part]
-            test_scores = distributed_scores(trainer, test.to(device), rank, world)
-            train_scores = distributed_scores(trainer, train_full, rank, world)
-            metrics["train_seconds"] = time.perf_counter() - t_start
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save(trainer.state_dict(), Path(d) / STATE_FILE)
-                (Path(d) / TRIAL_FILE).write_text(json.dumps(
-                    {"family": job.family, "machine_type": job.machine_type, "layout": job.layout,
-                     "params": cfg["params"], "spec": spec.to_dict(), "info": study.info.__dict__,
-                     "epoch": trainer.epoch, "final_metrics": metrics if last else None}, default=str))
-                if last:
-                    score_table(test_rows, test_scores).to_csv(Path(d) / "scores_test.csv", index=False)
-                    score_table(study.train_table, train_scores).to_csv(Path(d) / "scores_train.csv", index=False)
-                    if study.has_heldout:
-                        score_table(study.heldout_table, distributed_scores(trainer, heldout, 0, 1)).to_csv(
-                            Path(d) / "scores_heldout.csv", index=False)
-                    if pruned_all:
-                        pruned_table(study.train_table, pruned_all).to_csv(Path(d) / "pruned.csv", index=False)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        trainer.before_training(data.train_full)
+    report = TrialReport(job, cfg["params"], data, rank, world, nodes)
+    try:
+        trainer.fit(data.shard, epochs=max(0, hp.epochs - trainer.epoch), hooks=[report], after=False)
+    except NonFiniteLoss as e:
+        report_failure(str(e), trainer.epoch + 1, rank)
 
 
 def checkpoint_uri(experiment: str, checkpoint: Any) -> str | None:
@@ -294,8 +308,9 @@ def run_trial(params: dict, job: StudyJob) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    record = {"study": job.study, "family": job.family, "machine_type": job.machine_type, "trial_id": trial_id,
-              "params": params, "workers": job.workers, "gpus": job.workers * job.gpus_per_worker if job.use_gpu else 0}
+    record = TrialRecord(study=job.study, family=job.family, machine_type=job.machine_type, trial_id=trial_id,
+                         params=params, workers=job.workers,
+                         gpus=job.workers * job.gpus_per_worker if job.use_gpu else 0)
     ended = ended_run(storage.join(job.train_storage, trial_id))
     if ended is not None:
         # An earlier driver stopped after this trial's last checkpoint reached storage but before Tune recorded
@@ -317,7 +332,8 @@ def run_trial(params: dict, job: StudyJob) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=job.train_storage, callbacks=[TuneReportCallback()],
+            # Ray 2.60 annotates RunConfig.callbacks with Tune's Callback; Train V2 takes its own callbacks here
+            name=trial_id, storage_path=job.train_storage, callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
         ),
     )
@@ -325,17 +341,18 @@ def run_trial(params: dict, job: StudyJob) -> None:
     try:
         result = trainer.fit()
     except Exception as e:
-        storage.write_json(job.trial_record(trial_id), {**record, "status": "failed", "reason": f"{type(e).__name__}: {e}",
-                                                        "wall_seconds": time.time() - t0})
+        dataclasses.replace(record, status="failed", reason=f"{type(e).__name__}: {e}",
+                            wall_seconds=time.time() - t0).write(job.experiment)
         raise
-    _finish(job, record, dict(result.metrics or {}), checkpoint_uri(job.experiment, result.checkpoint), time.time() - t0)
+    _finish(job, record, dict(result.metrics or {}), checkpoint_uri(job.experiment, result.checkpoint),
+            time.time() - t0)
 
 
-def _finish(job: StudyJob, record: dict, metrics: dict, checkpoint: str | None, wall: float) -> None:
+def _finish(job: StudyJob, record: TrialRecord, metrics: dict, checkpoint: str | None, wall: float) -> None:
     """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``."""
-    record = {**record, "metrics": metrics, "wall_seconds": wall, "gpu_hours": record["gpus"] * wall / 3600,
-              "checkpoint": checkpoint}
+    done = dataclasses.replace(record, metrics=metrics, wall_seconds=wall, gpu_hours=(record.gpus or 0) * wall / 3600,
+                               checkpoint=checkpoint, status="finished")
     if metrics.get("failed"):
-        storage.write_json(job.trial_record(record["trial_id"]), {**record, "status": "failed", "reason": metrics["failed"]})
+        dataclasses.replace(done, status="failed", reason=metrics["failed"]).write(job.experiment)
         raise TrialFailed(metrics["failed"])
-    storage.write_json(job.trial_record(record["trial_id"]), {**record, "status": "finished"})
+    done.write(job.experiment)

@@ -8,8 +8,6 @@ finished in Optuna but still running in Tune's snapshot, so the resumed Tune rep
 
 from __future__ import annotations
 
-from typing import Dict
-
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
@@ -18,7 +16,7 @@ class ResumableOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that does not report again to a trial its Optuna storage has already finished
     (completing it again is already only a warning in ``OptunaSearch``)."""
 
-    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
+
+from raysd import artifacts
 
 TUNE_STATE = "experiment_state-2026-01-01_00-00-00.json"
 
@@ -15,7 +16,7 @@ TUNE_STATE = "experiment_state-2026-01-01_00-00-00.json"
 def write_experiment(root: Path, studies: list[str], rule: str = "2020", metric: str = "sel_auc",
                      mode: str = "max", preset: str = "unit", layout: str = "dcase2020") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "experiment.json").write_text(json.dumps({
+    (root / artifacts.EXPERIMENT_FILE).write_text(json.dumps({
         "preset": preset, "preset_path": f"search_spaces/{preset}.yaml", "rule": rule, "metric": metric, "mode": mode,
         "data_root": "/nowhere", "layout": layout, "studies": studies, "started": "2026-01-01T00:00:00"}))
     return root
@@ -24,37 +25,30 @@ def write_experiment(root: Path, studies: list[str], rule: str = "2020", metric:
 def write_checkpoint(root: Path, study: str, trial_id: str, state: dict, trial_json: dict,
                      test: pd.DataFrame | None = None, train: pd.DataFrame | None = None) -> Path:
     """A last checkpoint as ``raysd.trial.train_worker`` leaves it."""
-    ck = root / "train" / study / trial_id / "checkpoint_2026-01-01_00-00-03.000000"
+    run = Path(artifacts.train_storage(str(root), study)) / trial_id
+    ck = run / f"{artifacts.CHECKPOINT_PREFIX}2026-01-01_00-00-03.000000"
     ck.mkdir(parents=True)
-    torch.save(state, ck / "state.pt")
-    (ck / "trial.json").write_text(json.dumps(trial_json, default=str))
-    if test is not None:
-        test.to_csv(ck / "scores_test.csv", index=False)
-    if train is not None:
-        train.to_csv(ck / "scores_train.csv", index=False)
-    return ck
+    return artifacts.write_checkpoint(ck, state, trial_json, test=test, train=train)
 
 
 def write_record(root: Path, study: str, trial_id: str, family: str, machine_type: str, params: dict, status: str,
                  metrics: dict | None = None, checkpoint: Path | None = None, reason: str | None = None,
                  wall_seconds: float = 10.0, gpus: float = 0) -> Path:
-    rec = {"study": study, "family": family, "machine_type": machine_type, "trial_id": trial_id, "params": params,
-           "workers": 1, "gpus": gpus, "status": status, "wall_seconds": wall_seconds}
+    rec = artifacts.TrialRecord(study=study, family=family, machine_type=machine_type, trial_id=trial_id,
+                                params=params, workers=1, gpus=gpus, status=status, wall_seconds=wall_seconds)
     if status == "failed":
-        rec["reason"] = reason
+        rec.reason = reason
     else:
-        rec.update(metrics=metrics or {}, gpu_hours=gpus * wall_seconds / 3600,
-                   checkpoint=str(checkpoint) if checkpoint else None)
-    path = root / "trials" / study / f"{trial_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec))
-    return path
+        rec.metrics, rec.gpu_hours = metrics or {}, gpus * wall_seconds / 3600
+        rec.checkpoint = str(checkpoint) if checkpoint else None
+    rec.write(str(root))
+    return Path(artifacts.trial_record_path(str(root), study, trial_id))
 
 
 def write_tune_trial(root: Path, study: str, trial_id: str, params: dict, results: list[dict],
                      status: str = "TERMINATED", error: str | None = None) -> Path:
     """A Ray Tune trial folder (params.json, result.json lines, error.txt) and its entry in the study's state file."""
-    sdir = root / "studies" / study
+    sdir = root / artifacts.STUDIES_DIR / study
     n = len(list(sdir.glob("run_trial_*"))) + 1 if sdir.exists() else 1
     logdir = f"run_trial_{trial_id}_{n}_lr={params.get('lr', 0):.4f}_2026-01-01_00-00-00"
     tdir = sdir / logdir

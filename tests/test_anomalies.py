@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from experiment_helpers import write_checkpoint, write_experiment, write_record
-from raysd import anomalies, leaderboard, score
+
+from raysd import inference, leaderboard, score
 from raysd.data import synth_field
 from raysd.data.synth_field import FieldEvent
+from raysd.report import experiment, unlabelled
 
 EVENTS = [FieldEvent("motorcycle", 20.3, 5.0, 16.0), FieldEvent("plane", 55.6, 8.0, 18.0),
           FieldEvent("knock", 95.2, 1.5, 10.0)]
@@ -36,8 +37,8 @@ def _spec():
 
 def _study(root: Path, cache: Path, **heldout):
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureStore
     from raysd.data.heldout import HeldoutConfig, assign
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
 
     catalog = Catalog.scan(root, clip_seconds=1.0)
@@ -54,8 +55,7 @@ def _event_hits(start_s: float, end_s: float) -> list[str]:
 def field(tmp_path_factory) -> SimpleNamespace:
     """Two 2-minute forest recordings (events only in ``field.wav``), a conv_ae trained on ``quiet.wav``'s training
     clips (the study's 15-file setting with field.wav examined) and its checkpoint as ``raysd.trial`` leaves it."""
-    from raysd.families.base import get_family
-    from raysd.presets import split_hp
+    from raysd.families.base import create_family
     from raysd.train import Trainer
     from raysd.trial import score_table
 
@@ -66,8 +66,7 @@ def field(tmp_path_factory) -> SimpleNamespace:
     assert synth_field.generate(root / "site" / "field.wav", 2, EVENTS, seed=3) == EVENTS
     synth_field.generate(root / "site" / "quiet.wav", 2, 0, seed=4)
     table, store, study = _study(root, tmp / "cache", examine="field.wav", training="others")
-    hp, cfg = split_hp("conv_ae", PARAMS)
-    family = get_family("conv_ae")(cfg)
+    family, hp = create_family("conv_ae", PARAMS)
     trainer = Trainer(family, hp, study.info)
     trainer.fit(study.train_set(family.view()))
     tables = {name: score_table(rows, trainer.score(clips)) for name, rows, clips in (
@@ -97,40 +96,42 @@ def _check_events_on_top(report: pd.DataFrame) -> None:
 
 
 def test_time_stamps_and_percentiles() -> None:
-    assert anomalies.format_time(0) == "00:00:00.000"
-    assert anomalies.format_time(3725.5) == "01:02:05.500"
-    assert anomalies.format_time(59.9996) == "00:01:00.000"  # rounding carries into the minutes
-    assert anomalies.format_time(6 * 3600 - 1 + 1234 / 22050) == "05:59:59.056"
-    assert anomalies.format_time(100 * 3600) == "100:00:00.000"
+    assert unlabelled.format_time(0) == "00:00:00.000"
+    assert unlabelled.format_time(3725.5) == "01:02:05.500"
+    assert unlabelled.format_time(59.9996) == "00:01:00.000"  # rounding carries into the minutes
+    assert unlabelled.format_time(6 * 3600 - 1 + 1234 / 22050) == "05:59:59.056"
+    assert unlabelled.format_time(100 * 3600) == "100:00:00.000"
     for v in (0.0, 44.212, 21599.999):
-        assert anomalies.parse_time(anomalies.format_time(v)) == pytest.approx(v, abs=5e-4)
+        assert unlabelled.parse_time(unlabelled.format_time(v)) == pytest.approx(v, abs=5e-4)
     with pytest.raises(ValueError):
-        anomalies.format_time(-1)
+        unlabelled.format_time(-1)
     with pytest.raises(ValueError, match="hh:mm:ss.sss"):
-        anomalies.parse_time("1:2:3")
-    np.testing.assert_allclose(anomalies.percentiles(np.array([3.0, 1.0, 2.0, 2.0])), [100, 25, 75, 75])
+        unlabelled.parse_time("1:2:3")
+    np.testing.assert_allclose(unlabelled.percentiles(np.array([3.0, 1.0, 2.0, 2.0])), [100, 25, 75, 75])
 
 
 def test_report_of_bare_scores_and_a_family_without_bottleneck(tmp_path: Path) -> None:
-    from raysd.families.base import ClipSet, DataInfo, TrainHP, get_family
+    from raysd.families.base import get_family
+    from raysd.families.clips import ClipSet, DataInfo
+    from raysd.families.hparams import TrainHP
     from raysd.train import Trainer
 
     made = get_family("group_made")
     trainer = Trainer(made(made.Config(frames=4, hop=4)), TrainHP(), DataInfo(n_mels=8, n_frames=8, n_classes=1))
     clips = ClipSet(torch.randn(5, 8, 8), torch.zeros(5, dtype=torch.long), trainer.family.view())
-    assert anomalies.clip_embeddings(trainer, clips) is None
+    assert inference.clip_embeddings(trainer, clips) is None
     scores = pd.DataFrame({"recording": "a.wav", "offset": np.arange(50) * 1000, "num_samples": 1000,
                            "sample_rate": 1000, "score": np.arange(50.0)})
     scores.loc[49, "score"] = np.nan
     with pytest.warns(RuntimeWarning, match="1 clip"):
-        rep = anomalies.write_report(scores, tmp_path, top=3, embeddings=np.random.default_rng(0).normal(size=(50, 3)))
-    got = anomalies.read_report(tmp_path / "anomalies.csv")
+        rep = unlabelled.write_report(scores, tmp_path, top=3, embeddings=np.random.default_rng(0).normal(size=(50, 3)))
+    got = unlabelled.read_report(tmp_path / "anomalies.csv")
     assert list(got["start"]) == ["00:00:48.000", "00:00:47.000", "00:00:46.000"]
     np.testing.assert_allclose(got["percentile"], [100, 100 * 48 / 49, 100 * 47 / 49], atol=1e-4)
     assert (got["spectrogram"] == "").all() and any("no spectrograms" in n for n in rep.notes)
     assert (tmp_path / "anomaly_scores.png").exists() and (tmp_path / "embedding_pca.png").exists()
-    with pytest.raises(anomalies.ReportError, match=r"lack column\(s\) \['score'\]"):
-        anomalies.write_report(scores.drop(columns="score"), tmp_path)
+    with pytest.raises(unlabelled.ReportError, match=r"lack column\(s\) \['score'\]"):
+        unlabelled.write_report(scores.drop(columns="score"), tmp_path)
 
 
 def test_field_generator_puts_loud_events_where_it_says(tmp_path: Path) -> None:
@@ -165,8 +166,8 @@ def test_scored_recording_lists_the_events_first(field: SimpleNamespace, tmp_pat
     rep, csv = tmp_path / "report", tmp_path / "scores.csv"
     assert score.main([str(field.ckpt), str(field.wav), "--report", str(rep), "--top", str(TOP), "--out", str(csv),
                        "--device", "cpu", "--projection", "tsne"]) == 0
-    report = anomalies.read_report(rep / "anomalies.csv")
-    assert list(report.columns[:7]) == anomalies.CSV_COLUMNS
+    report = unlabelled.read_report(rep / "anomalies.csv")
+    assert list(report.columns[:7]) == unlabelled.CSV_COLUMNS
     assert set(report["recording"]) == {str(field.wav)}
     _check_events_on_top(report)
     # every event's loudest clip outscores every clip that overlaps no event
@@ -207,7 +208,7 @@ def test_unlabelled_leaderboard_reports_the_best_trials_strangest_clips(field: S
     assert leaderboard.main([str(root), "--out", str(out), "--top", str(TOP), "--device", "cpu"]) == 0
     board = pd.read_csv(out / "leaderboard.csv")
     assert board.loc[board["rank"] == 1, "trial_id"].tolist() == ["good"]
-    report = anomalies.read_report(out / "anomalies.csv")
+    report = unlabelled.read_report(out / "anomalies.csv")
     _check_events_on_top(report)
     assert set(report["recording"]) == {"site/field.wav"}  # the examined recording's test clips only
     good = field.tables["test"].sort_values(["score", "offset"], ascending=[False, True]).head(TOP)
@@ -225,17 +226,17 @@ def test_unlabelled_leaderboard_reports_the_best_trials_strangest_clips(field: S
     again = tmp_path / "again"
     assert score.main([str(out / "ensemble.json"), str(field.wav), "--report", str(again), "--top", str(TOP),
                        "--no-plots", "--out", str(tmp_path / "s.csv"), "--device", "cpu"]) == 0
-    rescored = anomalies.read_report(again / "anomalies.csv")
+    rescored = unlabelled.read_report(again / "anomalies.csv")
     assert list(rescored["start"]) == list(report["start"])
     assert not (again / "spectrograms").exists()
 
 
 def test_no_examined_recording_reports_every_scored_clip(field: SimpleNamespace, tmp_path: Path) -> None:
     """Without heldout.examine the report covers training and held-out clips (never the gap clips nobody scored)."""
-    t = leaderboard.Trial("s", "conv_ae", "site", "t1", "finished", checkpoint=None,
+    t = experiment.Trial("s", "conv_ae", "site", "t1", "finished", checkpoint=None,
                           test=field.tables["test"].iloc[:0], train=field.tables["train"],
                           heldout=field.tables["heldout"])
-    clips, which = leaderboard.report_clips(t)
+    clips, which = unlabelled.report_clips(t)
     assert "every clip the trial scored" in which
     assert len(clips) == len(field.tables["train"]) + len(field.tables["heldout"])
     assert set(clips["split"]) == {"train", "heldout"} and set(clips["file"]) == {"site/quiet.wav"}
@@ -277,8 +278,7 @@ def test_scoring_memory_does_not_grow_with_recording_length(field: SimpleNamespa
 def test_pruning_never_sees_a_held_out_clip_and_drops_the_events_first(field: SimpleNamespace) -> None:
     """Single-file setting on the recording with the events: the training ClipSet holds the training clips and
     nothing else, so every pruned clip is a training clip; the loud foreign events go first."""
-    from raysd.families.base import get_family
-    from raysd.presets import split_hp
+    from raysd.families.base import create_family
     from raysd.train import Trainer
     from raysd.trial import pruned_table
 
@@ -289,8 +289,7 @@ def test_pruning_never_sees_a_held_out_clip_and_drops_the_events_first(field: Si
     assert key(study.train_table) == key(train_rows)
     held = key(table[table["split"].isin(["heldout", "unused"])])
     assert held and not held & key(study.train_table)
-    hp, cfg = split_hp("conv_ae", {**PARAMS, "epochs": 2, "prune_every": 1, "prune_fraction": 0.05})
-    family = get_family("conv_ae")(cfg)
+    family, hp = create_family("conv_ae", {**PARAMS, "epochs": 2, "prune_every": 1, "prune_fraction": 0.05})
     data = study.train_set(family.view())
     assert torch.equal(data.clips, store.get(study.train_table))  # exactly the training rows' features
     trainer = Trainer(family, hp, study.info)

@@ -15,7 +15,8 @@ import torch
 
 from raysd.data import audio, synth
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore, LogMel, extract
+from raysd.data.features import FeatureSpec, LogMel, extract
+from raysd.data.store import FeatureStore
 
 SR = 16000
 
@@ -350,3 +351,64 @@ def test_store_of_a_recording_folder_reads_each_clip_of_a_long_file(tmp_path: Pa
     # clip k holds a tone of 3+k kHz (inside the kept bands): its loudest band moves up clip by clip
     loudest = f[:4].mean(dim=2).argmax(dim=1)
     assert (loudest[1:] > loudest[:-1]).all()
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+
+from raysd.data import store
+from raysd.data.catalog import Catalog
+from raysd.data.features import FeatureSpec
+
+real = store.extract
+
+
+def one_batch_then_wait(*args, **kwargs):
+    for item in real(*args, **kwargs):
+        yield item
+        print("written", flush=True)  # the first batch is going to disk; the parent kills us while we wait
+        time.sleep(600)
+
+
+store.extract = one_batch_then_wait
+store.FeatureStore.open(Catalog.scan(Path(sys.argv[1])), FeatureSpec(clip_seconds=3.0), sys.argv[2], device="cpu",
+                        batch_size=2, workers=1)
+"""
+
+
+def test_a_killed_writers_partial_cache_is_removed_by_the_next_open(tiny_root: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    root = small_root(tiny_root, tmp_path / "data")
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root), str(cache)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (partial,) = (cache / "features").glob(".*.tmp-*")
+    assert (partial / "features.f32").exists() and str(proc.pid) in partial.name
+
+    cat = Catalog.scan(root)
+    store = FeatureStore.open(cat, SPEC3, cache, device="cpu", batch_size=4)
+    assert store.extracted and not list((cache / "features").glob(".*.tmp-*"))
+    fresh = FeatureStore.open(cat, SPEC3, tmp_path / "fresh", device="cpu", batch_size=4)
+    np.testing.assert_array_equal(np.asarray(store.features), np.asarray(fresh.features))
+
+
+def test_a_running_writers_temporary_folder_is_kept(tmp_path: Path) -> None:
+    from raysd.data.store import remove_dead_writers
+
+    root = tmp_path / "features"
+    mine = root / f".key.tmp-{os.getpid()}-0123abcd@{__import__('socket').gethostname()}"
+    elsewhere = root / ".key.tmp-999999999-0123abcd@another-host"
+    dead = root / ".key.tmp-999999999-0123abcd"  # an older raysd's name, without a host: this host's
+    for d in (mine, elsewhere, dead):
+        d.mkdir(parents=True)
+    assert remove_dead_writers(root) == [dead]
+    assert mine.exists() and elsewhere.exists() and not dead.exists()

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysd import anomalies
 from raysd.data import synth_field
 from raysd.data.synth_field import FieldEvent
 from raysd.presets import SEARCH_SPACES, load_preset
+from raysd.report import unlabelled
 
 ENV = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONUNBUFFERED": "1"}
@@ -61,8 +61,8 @@ def test_birdaudio_search_ranks_by_heldout_loss_and_reports_anomalies(tmp_path: 
     summary = (results / "summary.md").read_text()
     assert "Unlabelled data: trials are ranked by `heldout_loss`" in summary and "Strangest moments" in summary
 
-    report = anomalies.read_report(results / "anomalies.csv")
-    assert len(report) == anomalies.DEFAULT_TOP and set(report["recording"]) == {"site/field.wav"}
+    report = unlabelled.read_report(results / "anomalies.csv")
+    assert len(report) == unlabelled.DEFAULT_TOP and set(report["recording"]) == {"site/field.wav"}
     assert EVENT.overlaps(report.loc[0, "start_s"], report.loc[0, "end_s"]), report.head()
     assert (results / "anomaly_scores.png").exists() and (results / "embedding_pca.png").exists()
     assert all((results / p).exists() for p in report["spectrogram"])

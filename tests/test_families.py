@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from raysd.families import REGISTRY
-from raysd.families.base import ClipSet, DataInfo, Family, TrainHP, make_config
+from raysd.families.base import Family
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import TrainHP, make_config
 from raysd.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +201,8 @@ def tiny_studies(tiny_root, tmp_path_factory):
     """``get(crop)`` -> {machine type: (StudyData, mask of its normal and high-severity test clips, their
     labels)} for LEARN_TYPES, with features of the tiny set's spec under crop variant ``crop``."""
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
     from raysd.data.synth import read_meta
 

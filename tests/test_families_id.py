@@ -11,11 +11,19 @@ import torch.nn.functional as F
 
 from raysd.families import get_family
 from raysd.families.augment import (
-    ArcFace, mel_centres, hz_to_mel, mix_post_log, mix_pre_log, mixup, pick_partners, warp, warp_table,
+    ArcFace,
+    hz_to_mel,
+    mel_centres,
+    mix_post_log,
+    mix_pre_log,
+    mixup,
+    pick_partners,
+    warp,
+    warp_table,
 )
-from raysd.families.base import ClipSet, DataInfo, TrainHP, make_config
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import TrainHP, make_config
 from raysd.train import Trainer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,9 +185,9 @@ def test_id_classifier_mobilenet_width_multiplier():
 def test_id_classifier_augmented_targets(hp):
     torch.manual_seed(0)
     fam = family("id_classifier", patch_frames=32, mixup_fraction=1.0, **hp)
-    fam.build(INFO)
+    model = fam.build(INFO)
     y = torch.randint(0, 3, (64,))
-    x, target = fam.augment(torch.randn(64, 1, 64, 32) * 10 - 30, y)
+    x, target = model.augment(torch.randn(64, 1, 64, 32) * 10 - 30, y)
     k = fam.n_warps()
     assert x.shape == (64, 1, 64, 32) and target.shape == (64, 3 * k)
     assert torch.allclose(target.sum(1), torch.ones(64)) and torch.all(target >= 0)
@@ -293,7 +301,8 @@ def test_triplet_reference_set_survives_checkpoint_round_trip(tmp_path):
 def tiny_studies(tiny_root, tmp_path_factory):
     """``get(crop, machine_type)`` -> (StudyData, metadata of its test clips incl. severity)."""
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
     from raysd.data.synth import read_meta
 

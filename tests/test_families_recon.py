@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from raysd.families import get_family
-from raysd.families.base import ClipSet, DataInfo, TrainHP, make_config
 from raysd.families.blocks import GaussianStats, UNet
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import TrainHP, make_config
 from raysd.families.masked_unet import masked_error, patch_masks, pixel_masks
 from raysd.train import Trainer
 

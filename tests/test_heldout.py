@@ -9,7 +9,9 @@ import torch
 
 from raysd.data.heldout import HeldoutConfig, assign
 from raysd.data.views import View
-from raysd.families.base import ClipSet, DataInfo, TrainHP, get_family
+from raysd.families.base import get_family
+from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.hparams import TrainHP
 from raysd.train import Trainer
 
 

@@ -14,14 +14,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from experiment_helpers import write_checkpoint, write_experiment, write_record, write_tune_trial
 from sklearn.metrics import roc_auc_score
 
-from experiment_helpers import write_checkpoint, write_experiment, write_record, write_tune_trial
 from raysd import leaderboard
 from raysd.ensemble import (
-    EnsembleError, align, combine, combine_matrix, fit_stats, greedy_select, selection_value, standardise,
+    EnsembleError,
+    align,
+    combine,
+    combine_matrix,
+    fit_stats,
+    greedy_select,
+    selection_value,
+    standardise,
 )
 from raysd.metrics import evaluate, read_submission, split_half
+from raysd.report.experiment import read_scores
 
 COLS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 
@@ -167,14 +175,13 @@ def fake_scores(mt: str, quality: float, seed: int) -> tuple[pd.DataFrame, pd.Da
 def tiny_model(family: str, params: dict) -> tuple[dict, dict]:
     """(state, trial.json) of a real model trained for one epoch on random 8-mel clips."""
     from raysd.data.features import FeatureSpec
-    from raysd.families.base import ClipSet, DataInfo, get_family
-    from raysd.presets import split_hp
+    from raysd.families.base import create_family
+    from raysd.families.clips import ClipSet, DataInfo
     from raysd.train import Trainer
 
     spec = FeatureSpec(n_mels=8, clip_seconds=0.16)
     info = DataInfo(n_mels=8, n_frames=spec.n_frames, n_classes=3, class_names=("00", "01", "02"))
-    hp, cfg = split_hp(family, params)
-    fam = get_family(family)(cfg)
+    fam, hp = create_family(family, params)
     g = torch.Generator().manual_seed(zlib.crc32(family.encode()))
     data = ClipSet(torch.randn(12, 8, spec.n_frames, generator=g), torch.arange(12) % 3, fam.view())
     trainer = Trainer(fam, hp, info)
@@ -285,7 +292,7 @@ def test_best_models_is_the_best_trial_of_each_family(report: Path):
 
 def _z(experiment: Path, study: str, tid: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     ck = experiment / "train" / study / tid / "checkpoint_2026-01-01_00-00-03.000000"
-    test, train = (leaderboard.read_scores(str(ck / f)) for f in ("scores_test.csv", "scores_train.csv"))
+    test, train = (read_scores(str(ck / f)) for f in ("scores_test.csv", "scores_train.csv"))
     stats = fit_stats(train)
     return standardise(test, stats), standardise(train, stats)
 
@@ -317,7 +324,7 @@ def test_ensembles_are_standardised_combinations_beside_the_best_single(experime
 
 
 def test_ensemble_json_holds_members_stats_and_thresholds(experiment: Path, report: Path):
-    from raysd.score import load_member
+    from raysd.artifacts import load_member
 
     doc = json.loads((report / "ensemble.json").read_text())
     assert doc["rule"] == "2020" and doc["quantile"] == 0.9 and set(doc["machine_types"]) == {"fan", "valve"}
@@ -327,7 +334,7 @@ def test_ensemble_json_holds_members_stats_and_thresholds(experiment: Path, repo
         for m in e["members"]:
             study, tid = m["study"], m["trial_id"]
             _, train = _z(experiment, study, tid)
-            raw = leaderboard.read_scores(str(Path(m["checkpoint"]) / "scores_train.csv"))
+            raw = read_scores(str(Path(m["checkpoint"]) / "scores_train.csv"))
             for sec, st in m["stats"].items():
                 s = raw.loc[raw["section"] == sec, "score"]
                 assert st["mean"] == pytest.approx(s.mean()) and st["std"] == pytest.approx(s.std(ddof=0))
@@ -421,7 +428,7 @@ def test_2021_and_2022_figures_and_decision_files_from_the_ensemble_thresholds(t
     out = tmp_path / "out"
     assert leaderboard.main([str(root), "--out", str(out), "--no-plots", "--quantile", "0.8", "--steps", "3"]) == 0
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
-    test = leaderboard.read_scores(str(root / "train/gearbox__dense_ae/g2/checkpoint_2026-01-01_00-00-03.000000"
+    test = read_scores(str(root / "train/gearbox__dense_ae/g2/checkpoint_2026-01-01_00-00-03.000000"
                                        / "scores_test.csv"))
     _, official = evaluate(test[test["half"] == "report"], rule=rule)
     for k in ("auc_source", "auc_target", "pauc") if rule == "2022" else ("auc", "pauc"):

@@ -13,7 +13,15 @@ import pytest
 import scipy.stats
 
 from raysd.metrics import (
-    MetricError, auc, decision_thresholds, evaluate, hmean, normalize_rule, pauc, read_submission, write_submission,
+    MetricError,
+    auc,
+    decision_thresholds,
+    evaluate,
+    hmean,
+    normalize_rule,
+    pauc,
+    read_submission,
+    write_submission,
 )
 
 MAX_FPR = 0.1

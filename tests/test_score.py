@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from experiment_helpers import write_checkpoint, write_experiment, write_record
-from raysd import leaderboard, score
+
+from raysd import artifacts, leaderboard, score
 from raysd.ensemble import combine, fit_stats, standardise
+from raysd.report.ensembles import trial_member
+from raysd.report.experiment import load_experiment
 
 DENSE = {"lr": 1e-3, "batch_size": 256, "epochs": 1, "hidden": 32, "depth": 2, "bottleneck": 4}
 CONV = {"lr": 1e-3, "batch_size": 16, "epochs": 1, "crop": "none", "hop": 44, "bottleneck": 4}
@@ -26,10 +28,10 @@ CONV = {"lr": 1e-3, "batch_size": 16, "epochs": 1, "crop": "none", "hop": 44, "b
 def experiment(tiny_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """A two-study experiment on the tiny fan clips, trained and scored as ``raysd.trial`` does, and its reports."""
     from raysd.data.catalog import Catalog
-    from raysd.data.features import FeatureSpec, FeatureStore
+    from raysd.data.features import FeatureSpec
+    from raysd.data.store import FeatureStore
     from raysd.data.study import load_study
-    from raysd.families.base import get_family
-    from raysd.presets import split_hp
+    from raysd.families.base import create_family
     from raysd.train import Trainer
     from raysd.trial import score_table
 
@@ -41,8 +43,7 @@ def experiment(tiny_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     root = write_experiment(tmp / "exp", ["fan__dense_ae", "fan__conv_ae"])
     for family, tid, params in (("dense_ae", "d1", DENSE), ("conv_ae", "c1", CONV)):
         study_name = f"fan__{family}"
-        hp, cfg = split_hp(family, params)
-        fam = get_family(family)(cfg)
+        fam, hp = create_family(family, params)
         spec = base.with_crop(hp.crop)
         study = load_study(fan, FeatureStore.open(fan, spec, tmp / "cache", device="cpu"), "fan")
         trainer = Trainer(fam, hp, study.info)
@@ -88,18 +89,18 @@ def test_score_reproduces_the_leaderboards_scores(experiment, tiny_root: Path, t
 def test_two_member_ensemble_matches_the_standardised_combination(experiment, tiny_root: Path, tmp_path: Path,
                                                                   rule: str):
     root, _ = experiment
-    exp = leaderboard.load_experiment(root)
+    exp = load_experiment(root)
     trials = {t.name: t for t in exp.trials}
     members, zt, zr = [], [], []
     for name, w in (("dense_ae/d1", 2), ("conv_ae/c1", 1)):
         t = trials[name]
         stats = fit_stats(t.train)
-        members.append(leaderboard.member_entry(t, w, stats))
+        members.append(trial_member(t, w, stats))
         zt.append(standardise(t.test, stats))
         zr.append(standardise(t.train, stats))
     weights = [2, 1] if rule == "mean" else None
     want_test, want_train = combine(zt, rule, weights), combine(zr, rule, weights)
-    thr = leaderboard.thresholds(want_train, 0.5)
+    thr = artifacts.thresholds(want_train, 0.5)
     doc = {"version": 1, "layout": "dcase2020", "machine_types": {"fan": {
         "combine": rule, "members": members, "threshold": {s: v for (_, s), v in thr.items()}}}}
     path = tmp_path / "ensemble.json"
@@ -154,9 +155,9 @@ def test_members_are_loaded_weights_only(experiment, tmp_path: Path):
     state["extra"] = Payload()
     torch.save(state, tmp_path / "state.pt")
     entry["state"] = str(tmp_path / "state.pt")
-    with pytest.raises(score.ScoreError, match="not a weights-only checkpoint"):
-        score.load_member(entry, torch.device("cpu"), str(tmp_path / "ensemble.json"))
+    with pytest.raises(artifacts.ArtifactError, match="not a weights-only checkpoint"):
+        artifacts.load_member(entry, torch.device("cpu"), str(tmp_path / "ensemble.json"))
     entry["params"] = {**entry["params"], "bottleneck": 3}  # dense_ae and conv_ae both have one
     entry["state"] = doc["machine_types"]["fan"]["members"][0]["state"]
-    with pytest.raises(score.ScoreError, match="does not fit"):
-        score.load_member(entry, torch.device("cpu"), str(tmp_path / "ensemble.json"))
+    with pytest.raises(artifacts.ArtifactError, match="does not fit"):
+        artifacts.load_member(entry, torch.device("cpu"), str(tmp_path / "ensemble.json"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysd import search
+from raysd import cluster, search
 from raysd.presets import SEARCH_SPACES, PresetError, load_preset
 from raysd.trial import ended_run
 
@@ -303,7 +303,7 @@ def test_trial_restarted_after_its_last_report_completes_without_training_again(
     assert record["metrics"]["epoch"] == 1
 
 
-def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
+def _job(workers: int, gpus: float, cpus: float = 8.0) -> search.StudyJob:
     import pandas as pd
 
     return search.StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",
@@ -313,50 +313,50 @@ def _job(workers: int, gpus: float, cpus: float = 8.0) -> "search.StudyJob":
 
 def test_a_trial_no_node_can_hold_is_refused_with_the_override_that_fixes_it() -> None:
     laptop = [{"CPU": 3.0, "GPU": 0.0}]  # the local instance on 2 cores: one extra CPU for trial drivers
-    reason = search.infeasible_reason(_job(1, 1.0, cpus=4.0), laptop, autoscaling=False)
+    reason = cluster.infeasible_reason(_job(1, 1.0, cpus=4.0), laptop, autoscaling=False)
     assert "has a GPU" in reason and "--gpus-per-worker 0" in reason
-    reason = search.infeasible_reason(_job(1, 0.0, cpus=4.0), laptop, autoscaling=False)
+    reason = cluster.infeasible_reason(_job(1, 0.0, cpus=4.0), laptop, autoscaling=False)
     assert "largest node has 3 CPU" in reason and "--cpus-per-worker 2" in reason
-    reason = search.infeasible_reason(_job(4, 0.0, cpus=1.0), laptop, autoscaling=False)
+    reason = cluster.infeasible_reason(_job(4, 0.0, cpus=1.0), laptop, autoscaling=False)
     assert "--workers 2" in reason  # the third CPU holds the trial driver's share
-    assert search.infeasible_reason(_job(2, 0.0, cpus=1.0), laptop, autoscaling=False) is None
+    assert cluster.infeasible_reason(_job(2, 0.0, cpus=1.0), laptop, autoscaling=False) is None
     gpu_node = [{"CPU": 8.0, "GPU": 2.0}]
-    assert "--gpus-per-worker 2" in search.infeasible_reason(_job(1, 4.0, cpus=1.0), gpu_node, autoscaling=False)
+    assert "--gpus-per-worker 2" in cluster.infeasible_reason(_job(1, 4.0, cpus=1.0), gpu_node, autoscaling=False)
     # a worker's CPUs and GPUs come from one node: two nodes of 4 CPU cannot hold an 8-CPU worker (the driver's
     # share fits on the other node, so 4 CPUs per worker do)
-    assert "--cpus-per-worker 4" in search.infeasible_reason(_job(1, 0.0, cpus=8.0), [{"CPU": 4.0, "GPU": 0.0}] * 2,
+    assert "--cpus-per-worker 4" in cluster.infeasible_reason(_job(1, 0.0, cpus=8.0), [{"CPU": 4.0, "GPU": 0.0}] * 2,
                                                                autoscaling=False)
-    with pytest.raises(search.SearchError, match="--no-resource-check"):
-        search.check_resources([_job(1, 1.0, cpus=4.0)], laptop, None)
+    with pytest.raises(cluster.InfeasibleTrial, match="--no-resource-check"):
+        cluster.check_resources([_job(1, 1.0, cpus=4.0)], laptop, None)
 
 
 def test_an_autoscaling_cluster_is_judged_by_what_it_may_add() -> None:
     """The A100 cluster starts as a CPU-less, GPU-less head: one-GPU trials are not refused, since the
     autoscaler may add 8-GPU nodes; a trial asking for more than any node type has still is."""
     head_only = [{"CPU": 0.0, "GPU": 0.0}]
-    most = search.autoscaler_nodes(REPO / "clusters" / "aws-a100.yaml")
+    most = cluster.autoscaler_nodes(REPO / "clusters" / "aws-a100.yaml")
     assert most is not None and len(most) == 5 and max(n["GPU"] for n in most) == 8
-    search.check_resources([_job(1, 1.0, cpus=4.0), _job(8, 1.0, cpus=8.0)], head_only, most)
-    with pytest.raises(search.SearchError, match="may add"):
-        search.check_resources([_job(1, 16.0, cpus=4.0)], head_only, most)
-    with pytest.raises(search.SearchError, match="has a GPU"):
-        search.check_resources([_job(1, 1.0, cpus=4.0)], head_only, None)
+    cluster.check_resources([_job(1, 1.0, cpus=4.0), _job(8, 1.0, cpus=8.0)], head_only, most)
+    with pytest.raises(cluster.InfeasibleTrial, match="may add"):
+        cluster.check_resources([_job(1, 16.0, cpus=4.0)], head_only, most)
+    with pytest.raises(cluster.InfeasibleTrial, match="has a GPU"):
+        cluster.check_resources([_job(1, 1.0, cpus=4.0)], head_only, None)
 
 
 def test_capacity_of_an_autoscaling_cluster_comes_from_its_config(tmp_path: Path) -> None:
     """The A100 cluster starts with no GPU node: concurrency is sized for what the autoscaler may add
     (4 nodes x 8 GPUs, the cluster's max_workers over both worker types), not for the bare head."""
-    most = search.autoscaler_max_resources(REPO / "clusters" / "aws-a100.yaml")
+    most = cluster.autoscaler_max_resources(REPO / "clusters" / "aws-a100.yaml")
     assert most == {"CPU": 4 * 96, "GPU": 4 * 8}
     head_only = {"CPU": 0.0, "GPU": 0.0}
-    assert search.cluster_capacity([_job(1, 1.0)], head_only) == 1
-    assert search.cluster_capacity([_job(1, 1.0)], head_only, most) == 32
-    assert search.cluster_capacity([_job(1, 1.0), _job(4, 1.0)], head_only, most) == 8  # sized by the largest trial
-    assert search.cluster_capacity([_job(1, 1.0)], {"CPU": 96.0, "GPU": 8.0}) == 8  # no config: what is there
-    assert search.autoscaler_max_resources(tmp_path / "missing.yaml") is None
+    assert cluster.cluster_capacity([_job(1, 1.0)], head_only) == 1
+    assert cluster.cluster_capacity([_job(1, 1.0)], head_only, most) == 32
+    assert cluster.cluster_capacity([_job(1, 1.0), _job(4, 1.0)], head_only, most) == 8  # sized by the largest trial
+    assert cluster.cluster_capacity([_job(1, 1.0)], {"CPU": 96.0, "GPU": 8.0}) == 8  # no config: what is there
+    assert cluster.autoscaler_max_resources(tmp_path / "missing.yaml") is None
     broken = tmp_path / "broken.yaml"
     broken.write_text("available_node_types: [1, 2]\n")
-    assert search.autoscaler_max_resources(broken) is None
+    assert cluster.autoscaler_max_resources(broken) is None
 
 
 @pytest.mark.slow
@@ -461,6 +461,6 @@ def test_searcher_resumed_behind_its_optuna_storage_keeps_going(tmp_path: Path, 
 
 def test_the_trial_driver_needs_its_cpu_share_too() -> None:
     """A worker that takes every CPU of the only node leaves none for the trial's driver: Ray would wait."""
-    assert "--cpus-per-worker 2" in search.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}],
+    assert "--cpus-per-worker 2" in cluster.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}],
                                                                autoscaling=False)
-    assert search.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}] * 2, autoscaling=False) is None
+    assert cluster.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}] * 2, autoscaling=False) is None

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore
+from raysd.data.features import FeatureSpec
+from raysd.data.store import FeatureStore
 from raysd.data.study import load_study
 from raysd.data.views import View
 

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from raysd.data import synth
 from raysd.data.catalog import Catalog
-from raysd.data.features import FeatureSpec, FeatureStore
+from raysd.data.features import FeatureSpec
+from raysd.data.store import FeatureStore
 
 MINI = synth.Preset("mini", 3.0, {"fan": {"00": (2, 1, 2)}, "valve": {"02": (3, 1, 1)}}, target_train=1)
 

@@ -17,20 +17,29 @@ CLI: ``python -m raysd.data.catalog ROOT [--csv OUT] [--clip-seconds S] [--layou
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import os
-import re
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import soundfile as sf
 
 from raysd.atomic import atomic_path
+from raysd.data.names import (
+    ATTRIBUTES_CSV,
+    EXPECTED_NAMES,
+    SPLIT_DIRS_2020,
+    SPLIT_DIRS_SECTION,
+    CatalogError,
+    ClipName,
+    find_audio,
+    parse_name,
+    read_attributes_csv,
+    walk,
+)
 
 COLUMNS: tuple[str, ...] = (
     "path", "file", "offset", "num_samples", "sample_rate", "layout", "machine_type", "section", "domain",
@@ -40,7 +49,6 @@ INT_COLUMNS: tuple[str, ...] = ("offset", "num_samples", "sample_rate")
 STR_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in INT_COLUMNS and c != "label")
 LAYOUTS: tuple[str, ...] = ("dcase2020", "dcase2021", "dcase2022", "recordings")
 DCASE_LAYOUTS: tuple[str, ...] = LAYOUTS[:3]
-AUDIO_SUFFIXES: tuple[str, ...] = (".wav", ".flac")
 
 LAYOUT_HELP = """raysd understands these data layouts (machine types, IDs and sections are read from names and folders):
   dcase2020   <root>/<machine_type>/train/normal_id_00_00000000.wav
@@ -55,63 +63,6 @@ LAYOUT_HELP = """raysd understands these data layouts (machine types, IDs and se
   recordings  any other folder of .wav/.flac files, e.g. <root>/<site>/2021-05-01_morning.wav:
               every file is cut into fixed-length clips (1 s by default)"""
 
-_EXPECTED_NAMES = {
-    "dcase2020": "{normal,anomaly}_id_XX_NNNNNNNN.wav or id_XX_NNNNNNNN.wav in <machine_type>/{train,test}/",
-    "dcase2021": "section_XX_{source,target}_{train,test}_{normal,anomaly}_NNNN[_<attributes>].wav or "
-                 "section_XX_{source,target}_test_NNNN.wav in <machine_type>/{train,source_test,target_test}/",
-    "dcase2022": "section_XX_{source,target}_{train,test}_{normal,anomaly}_NNNN[_<attributes>].wav or "
-                 "section_XX_[test_]NNNN.wav in <machine_type>/{train,test}/",
-}
-
-_P2020_LABELLED = re.compile(r"(?P<label>normal|anomaly)_id_(?P<section>\d{2})_(?P<num>\d+)")
-_P2020_UNLABELLED = re.compile(r"id_(?P<section>\d{2})_(?P<num>\d+)")
-_PSECTION_LABELLED = re.compile(
-    r"section_(?P<section>\d{2})_(?P<domain>source|target)_(?P<split>train|test)_(?P<label>normal|anomaly)"
-    r"_(?P<num>\d+)(?:_(?P<attrs>.+))?"
-)
-_P2021_UNLABELLED = re.compile(r"section_(?P<section>\d{2})_(?P<domain>source|target)_test_(?P<num>\d+)")
-_P2022_UNLABELLED = re.compile(r"section_(?P<section>\d{2})_(?:test_)?(?P<num>\d+)")
-_ATTRIBUTES_CSV = re.compile(r"attributes_\d{2}\.csv")
-_ATTR_COLUMN = re.compile(r"d(?P<n>\d+)(?P<kind>[pv])")
-
-# split folder -> (split, domain implied by the folder)
-_SPLIT_DIRS_2020 = {"train": ("train", ""), "test": ("test", "")}
-_SPLIT_DIRS_SECTION = {**_SPLIT_DIRS_2020, "source_test": ("test", "source"), "target_test": ("test", "target")}
-_LABELS = {"normal": 0, "anomaly": 1}
-
-
-class CatalogError(ValueError):
-    """A data root or file that raysd cannot catalog; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class _Name:
-    family: str  # 'dcase2020' or 'section' (2021-2024)
-    section: str
-    domain: str
-    split: str | None  # split written in the name (2021+), None when the name has none
-    label: int | None
-    attributes: str
-    only_2021: bool  # a name only the 2021 layout uses
-
-
-def parse_name(path: Path) -> _Name | None:
-    if path.suffix.lower() != ".wav":
-        return None
-    stem = path.stem
-    if m := _P2020_LABELLED.fullmatch(stem):
-        return _Name("dcase2020", m["section"], "", None, _LABELS[m["label"]], "", False)
-    if m := _P2020_UNLABELLED.fullmatch(stem):
-        return _Name("dcase2020", m["section"], "", None, None, "", False)
-    if m := _PSECTION_LABELLED.fullmatch(stem):
-        return _Name("section", m["section"], m["domain"], m["split"], _LABELS[m["label"]], m["attrs"] or "", False)
-    if m := _P2021_UNLABELLED.fullmatch(stem):
-        return _Name("section", m["section"], m["domain"], "test", None, "", True)
-    if m := _P2022_UNLABELLED.fullmatch(stem):
-        return _Name("section", m["section"], "", "test", None, "", False)
-    return None
-
-
 def _error(message: str) -> CatalogError:
     return CatalogError(f"{message}\n{LAYOUT_HELP}")
 
@@ -120,24 +71,6 @@ def _list_examples(items: list[str], limit: int = 10) -> str:
     shown = "\n".join(f"  {x}" for x in items[:limit])
     more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
     return shown + more
-
-
-def _walk(root: Path):
-    """(folder, sorted visible file names) under ``root``; follows folder symlinks once, skips hidden entries."""
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle or a folder linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
-
-
-def _find_audio(root: Path) -> list[Path]:
-    """Audio files under ``root``, sorted; hidden files and folders (e.g. macOS ``._*`` forks) are ignored."""
-    return [d / f for d, files in _walk(root) for f in files if os.path.splitext(f)[1].lower() in AUDIO_SUFFIXES]
 
 
 def _read_header(path: Path) -> tuple[Any, str]:
@@ -151,33 +84,6 @@ def _read_header(path: Path) -> tuple[Any, str]:
     if info.frames <= 0:
         return None, "no audio samples (0 frames)"
     return info, ""
-
-
-def _read_attributes_csv(csv_path: Path) -> dict[str, str]:
-    """``file_name`` (as written in the csv) -> 'd1p=d1v;d2p=d2v' (a parameter without value is kept alone)."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or not rows[0] or rows[0][0].strip() != "file_name":
-        got = ",".join(rows[0]) if rows and rows[0] else "an empty file"
-        raise CatalogError(f"{csv_path}: expected a header 'file_name,d1p,d1v[,d2p,d2v,...]', got {got!r}")
-    header = [h.strip() for h in rows[0]]
-    cols: dict[int, dict[str, int]] = {}
-    for i, h in enumerate(header):
-        if m := _ATTR_COLUMN.fullmatch(h):
-            cols.setdefault(int(m["n"]), {})[m["kind"]] = i
-    out: dict[str, str] = {}
-    for row in rows[1:]:
-        if not row or not row[0].strip():
-            continue
-        items = []
-        for n in sorted(cols):
-            ip, iv = cols[n].get("p"), cols[n].get("v")
-            p = row[ip].strip() if ip is not None and ip < len(row) else ""
-            v = row[iv].strip() if iv is not None and iv < len(row) else ""
-            if p or v:
-                items.append(f"{p}={v}" if v else p)
-        out[row[0].strip()] = ";".join(items)
-    return out
 
 
 def _abs(path: Path) -> str:
@@ -213,7 +119,7 @@ class Catalog:
 
     # ------------------------------------------------------------------ scanning
     @classmethod
-    def scan(cls, root: str | os.PathLike, clip_seconds: float = 1.0, layout: str | None = None) -> "Catalog":
+    def scan(cls, root: str | os.PathLike, clip_seconds: float = 1.0, layout: str | None = None) -> Catalog:
         """Catalog every clip under ``root``; ``layout`` (one of ``LAYOUTS``) overrides the detection."""
         root = Path(root).expanduser()
         if not clip_seconds > 0:
@@ -225,7 +131,7 @@ class Catalog:
         if not root.is_dir():
             raise _error(f"data root {root} is not a folder.")
         root = Path(_abs(root))
-        files = _find_audio(root)
+        files = find_audio(root)
         if not files:
             raise _error(f"data root {root} holds no audio files (.wav or .flac).")
 
@@ -249,12 +155,12 @@ class Catalog:
         return cat
 
     @staticmethod
-    def _detect_layout(root: Path, names: dict[Path, _Name | None], layout: str | None) -> str:
+    def _detect_layout(root: Path, names: dict[Path, ClipName | None], layout: str | None) -> str:
         if layout == "recordings":
             return "recordings"
         rel = {p: p.relative_to(root).as_posix() for p in names}
         by_family: dict[str, list[Path]] = {"dcase2020": [], "section": []}
-        unmatched = []
+        unmatched: list[Path] = []
         for p, n in names.items():
             (by_family[n.family] if n else unmatched).append(p)
         if by_family["dcase2020"] and by_family["section"]:
@@ -266,14 +172,14 @@ class Catalog:
             if layout is not None:
                 raise _error(
                     f"layout {layout!r} was requested but no file under {root} has a {layout} name "
-                    f"(e.g. {rel[unmatched[0]]}); expected {_EXPECTED_NAMES[layout]}."
+                    f"(e.g. {rel[unmatched[0]]}); expected {EXPECTED_NAMES[layout]}."
                 )
             return "recordings"
         if by_family["dcase2020"]:
             detected = "dcase2020"
         else:
             evidence_2021 = any(
-                names[p].only_2021 or p.parent.name in ("source_test", "target_test") for p in by_family["section"]
+                cast(ClipName, names[p]).only_2021 or p.parent.name in ("source_test", "target_test") for p in by_family["section"]
             )
             detected = "dcase2021" if evidence_2021 else "dcase2022"
         if layout is not None and layout != detected:
@@ -283,14 +189,14 @@ class Catalog:
         if unmatched:
             raise _error(
                 f"data root {root} uses the {detected} layout, but {len(unmatched)} audio file(s) have names that fit "
-                f"no {detected} pattern (expected {_EXPECTED_NAMES[detected]}):\n"
+                f"no {detected} pattern (expected {EXPECTED_NAMES[detected]}):\n"
                 + _list_examples([rel[p] for p in unmatched])
             )
         return detected
 
     @staticmethod
-    def _scan_dcase(root: Path, names: dict[Path, _Name | None], layout: str):
-        split_dirs = _SPLIT_DIRS_2020 if layout == "dcase2020" else _SPLIT_DIRS_SECTION
+    def _scan_dcase(root: Path, names: dict[Path, ClipName | None], layout: str):
+        split_dirs = SPLIT_DIRS_2020 if layout == "dcase2020" else SPLIT_DIRS_SECTION
         rows: dict[str, list] = {c: [] for c in COLUMNS}
         skipped: list[tuple[str, str]] = []
         stats: dict[str, tuple[int, int]] = {}
@@ -298,6 +204,7 @@ class Catalog:
         seen: dict[tuple[str, str, str], str] = {}
         by_abs: dict[str, int] = {}
         for p, n in names.items():
+            assert n is not None, f"{p}: _detect_layout lets no unmatched name into a DCASE layout"
             rel = p.relative_to(root)
             folder = rel.parts[-2] if len(rel.parts) >= 2 else root.name
             machine_type = rel.parts[-3] if len(rel.parts) >= 3 else (root.name if len(rel.parts) == 2 else root.parent.name)
@@ -340,19 +247,19 @@ class Catalog:
 
     @staticmethod
     def _merge_attribute_csvs(root: Path, rows: dict[str, list], by_abs: dict[str, int]) -> None:
-        for folder, names in _walk(root):
+        for folder, names in walk(root):
             for name in names:
-                if not _ATTRIBUTES_CSV.fullmatch(name):
+                if not ATTRIBUTES_CSV.fullmatch(name):
                     continue
                 csv_path = folder / name
-                for file_name, attrs in _read_attributes_csv(csv_path).items():
+                for file_name, attrs in read_attributes_csv(csv_path).items():
                     if not attrs:
                         continue
                     parts = PurePosixPath(file_name.replace("\\", "/")).parts
                     if len(parts) >= 2:  # '<machine_type>/<split>/<name>' relative to the csv's parent folder
                         candidates = [csv_path.parent / parts[-2] / parts[-1]]
                     else:
-                        candidates = [csv_path.parent / d / parts[0] for d in _SPLIT_DIRS_SECTION]
+                        candidates = [csv_path.parent / d / parts[0] for d in SPLIT_DIRS_SECTION]
                     for c in candidates:
                         i = by_abs.get(_abs(c))
                         if i is not None:
@@ -456,7 +363,7 @@ class Catalog:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, root: str | os.PathLike | None = None,
-                 clip_seconds: float | None = None) -> "Catalog":
+                 clip_seconds: float | None = None) -> Catalog:
         """Read a table written by ``to_csv``; dtypes (zero-padded sections, nullable labels) are restored."""
         path = Path(path)
         try:

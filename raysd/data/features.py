@@ -8,8 +8,8 @@ features. Crop variants (Rajani, 2022) are named presets of (n_mels, kept mel-bi
 - ``tight``: 256 mels, bins 128-191 kept (bird band only)
 - ``default``: the spec's own ``n_mels`` and ``mel_range`` unchanged.
 
-``FeatureStore`` computes the log-mel of every clip of a catalog once per (catalog content, spec) and
-caches it as a memory-mapped array; ``extract`` is its batched, threaded extraction loop.
+``extract`` is the batched, threaded extraction loop that ``raysd.data.store.FeatureStore`` (the on-disk cache)
+and ``raysd.score`` (new recordings) run.
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import shutil
 import threading
-import time
-import uuid
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import torch
+
+from raysd.data import audio
+
+log = logging.getLogger(__name__)
 
 CROP_VARIANTS: dict[str, tuple[int, tuple[int, int] | None]] = {
     "none": (64, None),
@@ -68,7 +69,7 @@ class FeatureSpec:
         if self.window not in ("hann", "hamming"):
             raise ValueError(f"FeatureSpec.window must be 'hann' or 'hamming', got {self.window!r}")
 
-    def with_crop(self, crop: str) -> "FeatureSpec":
+    def with_crop(self, crop: str) -> FeatureSpec:
         if crop == "default":
             return self
         if crop not in CROP_VARIANTS:
@@ -95,7 +96,7 @@ class FeatureSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureSpec":
+    def from_dict(cls, d: dict) -> FeatureSpec:
         d = dict(d)
         if d.get("mel_range") is not None:
             d["mel_range"] = tuple(d["mel_range"])
@@ -109,6 +110,7 @@ class LogMel(torch.nn.Module):
     """Waveforms (B, samples) at ``spec.sample_rate`` -> log-mel (B, kept_mels, n_frames)."""
 
     BAND = 16  # mel bands per block of the filterbank product
+    frame_window: torch.Tensor
 
     def __init__(self, spec: FeatureSpec):
         super().__init__()
@@ -198,18 +200,6 @@ class LogMel(torch.nn.Module):
         return out
 
 
-# ---- feature store --------------------------------------------------------------------------------
-
-STORE_VERSION = 1
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``'auto'``: CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class FailedClip:
     file: str
@@ -217,170 +207,11 @@ class FailedClip:
     reason: str
 
 
-class FeatureStore:
-    """Log-mel features of every clip of a catalog, cached on disk as a memory-mapped float32 array.
-
-    Layout of ``<cache_dir>/features/<catalog key>-<spec key>/``: ``features.f32`` (raw float32, C order,
-    shape ``meta['shape']`` = (clips, spec.kept_mels, spec.n_frames)), ``index.csv`` (file, offset, row)
-    and ``meta.json`` (spec, keys, shape, failed clips). The folder is built under a temporary name and
-    renamed when complete, so a folder with the final name is always a complete cache; a lock file
-    keeps concurrent processes from extracting the same key twice.
-    """
-
-    def __init__(self, path: Path, spec: FeatureSpec, features: np.ndarray, index: pd.DataFrame,
-                 failed: list[FailedClip], meta: dict, extracted: bool):
-        self.path = path
-        self.spec = spec
-        self.features = features
-        self.index = index
-        self.failed = failed
-        self.meta = meta
-        self.extracted = extracted  # True when this open computed the features (a cache miss)
-        self._lookup = pd.MultiIndex.from_arrays([index["file"].astype(str), index["offset"].astype("int64")])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __repr__(self) -> str:
-        return (f"FeatureStore({str(self.path)!r}, clips={len(self)}, shape={tuple(self.features.shape)}, "
-                f"failed={len(self.failed)})")
-
-    @property
-    def key(self) -> str:
-        return self.path.name
-
-    @staticmethod
-    def cache_key(catalog, spec: FeatureSpec) -> str:
-        return f"{catalog.content_key()}-{spec.key()}"
-
-    @classmethod
-    def open(cls, catalog, spec: FeatureSpec, cache_dir: str | os.PathLike, device: str | torch.device | None = None,
-             batch_size: int | None = None, workers: int | None = None) -> "FeatureStore":
-        """The store of (catalog, spec): read from the cache, or extracted (batched) and cached first."""
-        root = Path(cache_dir).expanduser() / "features"
-        root.mkdir(parents=True, exist_ok=True)
-        key = cls.cache_key(catalog, spec)
-        final = root / key
-        store = cls._load(final, spec)
-        if store is not None:
-            return store
-        with _file_lock(root / f".{key}.lock"):
-            store = cls._load(final, spec)
-            if store is not None:
-                return store
-            tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            try:
-                cls._build(tmp, catalog, spec, resolve_device(device), batch_size, workers)
-                if final.exists():  # a cache that failed validation
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        store = cls._load(final, spec)
-        if store is None:
-            raise RuntimeError(f"feature cache {final} could not be read back after extraction")
-        store.extracted = True
-        return store
-
-    @classmethod
-    def _load(cls, path: Path, spec: FeatureSpec) -> "FeatureStore | None":
-        meta_path = path / "meta.json"
-        if not meta_path.exists():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            shape = tuple(int(s) for s in meta["shape"])
-            expect = (spec.kept_mels, spec.n_frames)
-            if meta.get("version") != STORE_VERSION or FeatureSpec.from_dict(meta["spec"]) != spec or shape[1:] != expect:
-                raise ValueError(f"meta.json describes another spec or version (shape {shape}, expected (N, *{expect}))")
-            size = (path / "features.f32").stat().st_size
-            if size != int(np.prod(shape)) * 4:
-                raise ValueError(f"features.f32 holds {size} bytes, expected {int(np.prod(shape)) * 4} for shape {shape}")
-            index = pd.read_csv(path / "index.csv", dtype={"file": str, "offset": "int64", "row": "int64"},
-                                keep_default_na=False)
-            if len(index) != shape[0]:
-                raise ValueError(f"index.csv has {len(index)} rows, features {shape[0]}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"feature cache {path} is unusable ({e}); extracting again", RuntimeWarning, stacklevel=3)
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        features = (np.memmap(path / "features.f32", dtype=np.float32, mode="r", shape=shape) if shape[0]
-                    else np.zeros(shape, np.float32))
-        failed = [FailedClip(str(f), int(o), str(r)) for f, o, r in meta.get("failed", [])]
-        return cls(path, spec, features, index, failed, meta, extracted=False)
-
-    @staticmethod
-    def _build(path: Path, catalog, spec: FeatureSpec, device: torch.device, batch_size: int | None,
-               workers: int | None) -> None:
-        table = catalog.table
-        t0 = time.perf_counter()
-        rows, failed = [], []
-        with open(path / "features.f32", "wb") as f:
-            for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers,
-                                     failed=failed):
-                feats.tofile(f)
-                rows.extend(ok)
-        if failed:
-            shown = "\n".join(f"  {fc.file} @ {fc.offset}: {fc.reason}" for fc in failed[:10])
-            more = f"\n  ... and {len(failed) - 10} more (see {path.name}/meta.json)" if len(failed) > 10 else ""
-            warnings.warn(f"feature extraction skipped {len(failed)} of {len(table)} clips that could not be "
-                          f"decoded:\n{shown}{more}", RuntimeWarning, stacklevel=4)
-        index = pd.DataFrame({"file": table["file"].to_numpy()[rows].astype(str),
-                              "offset": table["offset"].to_numpy()[rows].astype("int64"),
-                              "row": np.arange(len(rows), dtype=np.int64)})
-        index.to_csv(path / "index.csv", index=False)
-        meta = {
-            "version": STORE_VERSION, "catalog_key": catalog.content_key(), "spec_key": spec.key(),
-            "spec": spec.to_dict(), "shape": [len(rows), spec.kept_mels, spec.n_frames], "dtype": "float32",
-            "clips": len(table), "failed": [[fc.file, fc.offset, fc.reason] for fc in failed],
-            "device": str(device), "seconds": round(time.perf_counter() - t0, 3),
-            "root": str(getattr(catalog, "root", "")), "layout": str(getattr(catalog, "layout", "")),
-        }
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-
-    def row_of(self, table: pd.DataFrame, missing: str = "raise") -> np.ndarray:
-        """Feature rows of catalog rows (matched on file and offset).
-
-        ``missing='raise'``: a clip absent from the store (it failed to decode, or belongs to another
-        catalog) is an error naming it; ``missing='mark'``: its row is -1.
-        """
-        if missing not in ("raise", "mark"):
-            raise ValueError(f"missing must be 'raise' or 'mark', got {missing!r}")
-        q = pd.MultiIndex.from_arrays([table["file"].astype(str), table["offset"].astype("int64")])
-        pos = self._lookup.get_indexer(q)
-        rows = np.where(pos >= 0, self.index["row"].to_numpy()[np.maximum(pos, 0)], -1).astype(np.int64)
-        if missing == "raise" and (rows < 0).any():
-            bad = np.flatnonzero(rows < 0)
-            failed = {(fc.file, fc.offset): fc.reason for fc in self.failed}
-            first = table.iloc[bad[0]]
-            why = failed.get((str(first["file"]), int(first["offset"])), "not in this store's catalog")
-            raise KeyError(f"{len(bad)} clip(s) have no features in {self.path}; first: {first['file']} "
-                           f"@ {int(first['offset'])} ({why})")
-        return rows
-
-    def get(self, table: pd.DataFrame) -> torch.Tensor:
-        """Features of catalog rows as a float32 tensor (N, kept_mels, n_frames), in the table's order."""
-        rows = self.row_of(table)
-        if len(rows) == 0:
-            return torch.zeros(0, self.spec.kept_mels, self.spec.n_frames)
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows),) + self.features.shape[1:], np.float32)
-        out[order] = self.features[rows[order]]
-        return torch.from_numpy(out)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    import fcntl
-
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``'auto'``: CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def usable_cpus() -> int:
@@ -414,8 +245,6 @@ def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device |
     (the caller's setting is untouched), which avoids OpenMP oversubscription and keeps small batches
     in cache. A clip that cannot be decoded is appended to ``failed`` and left out.
     """
-    from raysd.data import audio
-
     device = resolve_device(device)
     cuda = device.type == "cuda"
     batch_size = batch_size or (256 if cuda else 4)  # small CPU batches stay in cache
@@ -473,9 +302,10 @@ def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device |
         stack.callback(torch.set_num_threads, caller_threads)
         pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="raysd-features"))
         ahead = workers + 1
-        futures = [pool.submit(job, lo, min(lo + batch_size, len(table))) for lo in starts[:ahead]]
+        futures: list[Future | None] = [pool.submit(job, lo, min(lo + batch_size, len(table)))
+                                        for lo in starts[:ahead]]
         for k in range(len(starts)):
-            ok, out, bad = futures[k].result()
+            ok, out, bad = cast(Future, futures[k]).result()
             futures[k] = None
             if k + ahead < len(starts):
                 lo = starts[k + ahead]

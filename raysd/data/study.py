@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysd.data.features import FeatureSpec, FeatureStore
+from raysd.data.features import FeatureSpec
+from raysd.data.store import FeatureStore
 from raysd.data.views import View
-from raysd.families.base import ClipSet, DataInfo
+from raysd.families.clips import ClipSet, DataInfo
 
 
 @dataclass
@@ -39,6 +40,8 @@ class StudyData:
         return self.heldout_table is not None and len(self.heldout_table) > 0
 
     def heldout_set(self, view: View) -> ClipSet:
+        if self.heldout_x is None or self.heldout_y is None:
+            raise ValueError(f"study {self.machine_type!r} has no held-out clips")
         return ClipSet(self.heldout_x, self.heldout_y, view)
 
     def train_set(self, view: View) -> ClipSet:

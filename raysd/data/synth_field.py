@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{out}: {a.minutes:g} min at {a.sample_rate} Hz, {len(events)} events (listed in {events_path(out)})")
-    for e in events:
-        print(f"  {e.kind:10s} {e.start_s:9.3f} - {e.end_s:9.3f} s  +{e.gain_db:g} dB")
+    for ev in events:
+        print(f"  {ev.kind:10s} {ev.start_s:9.3f} - {ev.end_s:9.3f} s  +{ev.gain_db:g} dB")
     return 0
 
 

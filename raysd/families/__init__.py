@@ -1,13 +1,13 @@
 """Model families. Each family is one module here, registered by ``@register``; one import line each."""
 
-from raysd.families.base import REGISTRY, Family, get_family, register  # noqa: F401
+import raysd.families.conv_ae  # noqa: F401,E402
 
 # registry: one line per family
 import raysd.families.dense_ae  # noqa: F401,E402
-import raysd.families.conv_ae  # noqa: F401,E402
-import raysd.families.masked_unet  # noqa: F401,E402
-import raysd.families.vae  # noqa: F401,E402
-import raysd.families.svdd_ae  # noqa: F401,E402
 import raysd.families.group_made  # noqa: F401,E402
 import raysd.families.id_classifier  # noqa: F401,E402
+import raysd.families.masked_unet  # noqa: F401,E402
+import raysd.families.svdd_ae  # noqa: F401,E402
 import raysd.families.triplet  # noqa: F401,E402
+import raysd.families.vae  # noqa: F401,E402
+from raysd.families.base import REGISTRY, Family, create_family, get_family, register  # noqa: F401

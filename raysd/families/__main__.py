@@ -11,7 +11,7 @@ import typing
 from typing import Any
 
 from raysd.families import REGISTRY, get_family
-from raysd.families.base import TrainHP
+from raysd.families.hparams import TrainHP
 
 
 def type_name(tp: Any) -> str:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from raysd.families.base import ClipSet
+    from raysd.families.clips import ClipSet
 
 MixMode = Literal["pre_log", "post_log"]
 LambdaDist = Literal["uniform", "beta"]
@@ -258,7 +258,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 # ------------------------------------------------------------------------------- batch-norm statistics
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, data: "ClipSet", max_windows: int = 16384, batch_size: int = 256,
+def recalibrate_batchnorm(model: nn.Module, data: ClipSet, max_windows: int = 16384, batch_size: int = 256,
                           seed: int = 0) -> int:
     """Recompute every BatchNorm layer's running statistics with the final weights ("precise BN").
 

@@ -4,13 +4,14 @@ and numerically safe helpers (float32 islands inside autocast, Gaussian statisti
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from raysd.families.base import ClipSet
+    from raysd.families.clips import ClipSet
 
 
 class Standardize(nn.Module):
@@ -19,6 +20,9 @@ class Standardize(nn.Module):
     Log-mels arrive in dB (roughly -100..+40); every network here trains on standardised input. The
     statistics are buffers, so they travel with the ``state_dict`` and DDP broadcasts them from rank 0.
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,6 +123,10 @@ class GaussianStats(nn.Module):
 
     ``fitted`` is a buffer flag so a model restored from a ``state_dict`` knows it can score."""
 
+    mean: torch.Tensor
+    precision: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, dim: int, shrinkage: float = 1e-3):
         super().__init__()
         self.shrinkage = shrinkage
@@ -153,5 +161,7 @@ class StandardizedInput:
     """Family mixin for models whose input passes through ``model.norm`` (a ``Standardize``): fits it on
     the worker's training clips before the first epoch."""
 
-    def before_training(self, model: nn.Module, data: "ClipSet") -> None:
-        model.norm.fit(data.clips)
+    def before_training(self, model: nn.Module, data: ClipSet) -> None:
+        norm = model.get_submodule("norm")
+        assert isinstance(norm, Standardize), f"{type(model).__name__}.norm must be a Standardize"
+        norm.fit(data.clips)

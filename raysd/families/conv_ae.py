@@ -15,14 +15,14 @@ of the bottleneck embedding to the training embeddings, whose mean and precision
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import GaussianStats, Standardize, StandardizedInput
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 CHANNELS = (16, 32, 64, 128)
 
@@ -90,9 +90,7 @@ class ConvAEFamily(StandardizedInput, Family):
     name = "conv_ae"
     Config = ConvAEConfig
     description = "Rajani (2022) conv autoencoder with max-unpooling; score = reconstruction or Mahalanobis"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+    layout = "image"
 
     def build(self, info: DataInfo) -> nn.Module:
         return ConvAE(info.n_mels, self.view().window_length(info.n_frames), self.hp.bottleneck)
@@ -103,14 +101,17 @@ class ConvAEFamily(StandardizedInput, Family):
 
     @torch.no_grad()
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
-        zs = [self.embed(model, b.x).float() for b in data.batches(1024, shuffle=False)]
-        model.stats.fit(torch.cat(zs))
+        net = cast(ConvAE, model)
+        zs = [self.embed(net, b.x).float() for b in data.batches(1024, shuffle=False)]
+        net.stats.fit(torch.cat(zs))
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        recon, target, z = model(x)
+        net = cast(ConvAE, model)
+        recon, target, z = net(x)
         if self.hp.score == "mahalanobis":
-            return model.stats.distance(z)
+            return net.stats.distance(z)
         return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encode(model.norm(x))[0]
+        net = cast(ConvAE, model)
+        return net.encode(net.norm(x))[0]

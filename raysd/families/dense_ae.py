@@ -8,13 +8,14 @@ reconstruction error over all of its vectors (hop 1, as the baseline uses every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass
@@ -56,9 +57,6 @@ class DenseAEFamily(StandardizedInput, Family):
     Config = DenseAEConfig
     description = "DCASE 2020 baseline dense autoencoder on 5-frame vectors; score = mean reconstruction MSE"
 
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
-
     def build(self, info: DataInfo) -> nn.Module:
         return DenseAE(self.hp.frames * info.n_mels, self.hp)
 
@@ -71,4 +69,5 @@ class DenseAEFamily(StandardizedInput, Family):
         return (recon.float() - target.float()).pow(2).mean(dim=1)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encoder(model.prepare(x))
+        net = cast(DenseAE, model)
+        return net.encoder(net.prepare(x))

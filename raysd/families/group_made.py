@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, no_autocast
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass
@@ -37,6 +38,8 @@ class GroupMADEConfig:
 
 
 class MaskedLinear(nn.Linear):
+    mask: torch.Tensor
+
     def __init__(self, n_in: int, n_out: int, mask: torch.Tensor):
         super().__init__(n_in, n_out)
         self.register_buffer("mask", mask.float())
@@ -95,9 +98,6 @@ class GroupMADEFamily(StandardizedInput, Family):
     Config = GroupMADEConfig
     description = "Giri et al. (2020) Group-MADE over frame vectors (one group per frame); score = NLL"
 
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
-
     def build(self, info: DataInfo) -> nn.Module:
         return GroupMADE(self.hp.frames * info.n_mels, info.n_mels, self.hp)
 
@@ -106,4 +106,5 @@ class GroupMADEFamily(StandardizedInput, Family):
         return gaussian_nll(mean, logvar, t, self.hp.min_logvar).mean()
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model.nll(x)
+        net = cast(GroupMADE, model)
+        return net.nll(x)

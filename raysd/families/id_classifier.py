@@ -26,17 +26,23 @@ sub-range, so the warp is still a monotone map of the axis fixing its top, only 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysd.data.views import View
 from raysd.families.augment import (
-    make_head, mel_centres, mixup, recalibrate_batchnorm, soft_cross_entropy, warp, warp_table,
+    make_head,
+    mel_centres,
+    mixup,
+    recalibrate_batchnorm,
+    soft_cross_entropy,
+    warp,
+    warp_table,
 )
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 
 def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.2) -> tuple[nn.Module, int]:
@@ -63,73 +69,97 @@ def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.
     return net, width
 
 
-class IdClassifierNet(nn.Module):
-    """Input standardisation (BatchNorm over the single channel), backbone, classifier head."""
+@dataclass
+class IdClassifierConfig:
+    backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
+    width_mult: float = 0.5  # MobileNetV2 only
+    dropout: float = 0.2
+    input_norm: bool = True
+    head: Literal["softmax", "arcface"] = "softmax"
+    arc_margin: float = 0.5
+    arc_scale: float = 30.0
+    mixup: Literal["none", "pre_log", "post_log"] = "none"
+    mixup_fraction: float = 0.5  # share of each batch replaced by mixtures
+    mixup_lambda: Literal["uniform", "beta"] = "uniform"
+    mixup_beta: float = 1.0  # Beta(mixup_beta, mixup_beta) when mixup_lambda = 'beta'
+    warp: bool = False
+    warp_alphas: tuple[float, ...] = (0.95, 1.05)
+    patch_frames: int = 64
+    patch_hop: int = 8
+    precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, n_ids: int, input_norm: bool = True):
+    def validate(self) -> None:
+        if self.width_mult <= 0:
+            raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.arc_scale <= 0 or self.arc_margin < 0:
+            raise ValueError(f"arc_scale must be > 0 and arc_margin >= 0, got {self.arc_scale}, {self.arc_margin}")
+        if not 0 <= self.mixup_fraction <= 1:
+            raise ValueError(f"mixup_fraction must be in [0, 1], got {self.mixup_fraction}")
+        if self.mixup_beta <= 0:
+            raise ValueError(f"mixup_beta must be > 0, got {self.mixup_beta}")
+        if self.warp and (not self.warp_alphas or any(a <= 0 or a == 1.0 for a in self.warp_alphas)):
+            raise ValueError(f"warp_alphas must be positive and differ from 1, got {list(self.warp_alphas)}")
+        if self.patch_frames < 1 or self.patch_hop < 1:
+            raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
+        if self.precise_bn < 0:
+            raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+
+
+class IdClassifierNet(nn.Module):
+    """Input standardisation (BatchNorm over the single channel), backbone, classifier head; in training also
+    the warp tables (non-persistent buffers, rebuilt from the data description) and the mixup settings."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, n_ids: int, hp: IdClassifierConfig,
+                 warps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.norm = nn.BatchNorm2d(1) if input_norm else nn.Identity()
+        self.norm = nn.BatchNorm2d(1) if hp.input_norm else nn.Identity()
         self.backbone = backbone
         self.head = head
         self.n_ids = n_ids
+        self.n_warps = 1 + len(hp.warp_alphas) if warps is not None else 1
+        self.mix = (hp.mixup, hp.mixup_fraction, hp.mixup_lambda, hp.mixup_beta)
+        self.warp_lo: torch.Tensor | None
+        self.warp_hi: torch.Tensor | None
+        self.warp_w: torch.Tensor | None
+        for name, t in zip(("warp_lo", "warp_hi", "warp_w"), warps or (None, None, None)):
+            self.register_buffer(name, t, persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.norm(x))
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over IDs (and warp classes); ``target`` (B, C) puts the ArcFace margin in training."""
+    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and target distributions: random warp class per patch, then mixup."""
+        n, k = self.n_ids, self.n_warps
+        cls = y
+        if self.warp_lo is not None and self.warp_hi is not None and self.warp_w is not None:
+            state = torch.randint(0, k, (x.shape[0],), device=x.device)
+            x = warp(x, (self.warp_lo, self.warp_hi, self.warp_w), state)
+            cls = y + state * n
+        mode, fraction, lam, beta = self.mix
+        if mode != "none":
+            m = mixup(x, cls, n * k, mode, fraction, lam, beta, groups=y)
+            return m.x, m.target
+        return x, F.one_hot(cls, n * k).float()
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits over IDs (and warp classes); ``target`` (B, C) puts the ArcFace margin in training. With
+        ``labels`` (training), the inputs are augmented first and (logits, target distributions) returned."""
+        if labels is not None:
+            x, target = self.augment(x, labels)
+            return self.head(self.features(x), target), target
         return self.head(self.features(x), target)
 
 
 @register
-class IdClassifier(Family):
+class IdClassifierFamily(Family):
     name = "id_classifier"
+    Config = IdClassifierConfig
     description = "machine-ID classifier on log-mel patches (Giri et al.): torchvision CNN, mixup, warping, ArcFace"
-
-    @dataclass
-    class Config:
-        backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
-        width_mult: float = 0.5  # MobileNetV2 only
-        dropout: float = 0.2
-        input_norm: bool = True
-        head: Literal["softmax", "arcface"] = "softmax"
-        arc_margin: float = 0.5
-        arc_scale: float = 30.0
-        mixup: Literal["none", "pre_log", "post_log"] = "none"
-        mixup_fraction: float = 0.5  # share of each batch replaced by mixtures
-        mixup_lambda: Literal["uniform", "beta"] = "uniform"
-        mixup_beta: float = 1.0  # Beta(mixup_beta, mixup_beta) when mixup_lambda = 'beta'
-        warp: bool = False
-        warp_alphas: tuple[float, ...] = (0.95, 1.05)
-        patch_frames: int = 64
-        patch_hop: int = 8
-        precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
-
-        def validate(self) -> None:
-            if self.width_mult <= 0:
-                raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-            if self.arc_scale <= 0 or self.arc_margin < 0:
-                raise ValueError(f"arc_scale must be > 0 and arc_margin >= 0, got {self.arc_scale}, {self.arc_margin}")
-            if not 0 <= self.mixup_fraction <= 1:
-                raise ValueError(f"mixup_fraction must be in [0, 1], got {self.mixup_fraction}")
-            if self.mixup_beta <= 0:
-                raise ValueError(f"mixup_beta must be > 0, got {self.mixup_beta}")
-            if self.warp and (not self.warp_alphas or any(a <= 0 or a == 1.0 for a in self.warp_alphas)):
-                raise ValueError(f"warp_alphas must be positive and differ from 1, got {list(self.warp_alphas)}")
-            if self.patch_frames < 1 or self.patch_hop < 1:
-                raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
-            if self.precise_bn < 0:
-                raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
-
-    def __init__(self, hp=None):
-        super().__init__(hp)
-        self._n_ids: int | None = None
-        self._warps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def view(self) -> View:
-        return View(frames=self.hp.patch_frames, hop=self.hp.patch_hop, layout="image")
+    layout = "image"
+    window_fields = ("patch_frames", "patch_hop")
 
     def n_warps(self) -> int:
         return 1 + len(self.hp.warp_alphas) if self.hp.warp else 1
@@ -143,31 +173,15 @@ class IdClassifier(Family):
                 "ID/section; enable warp=true (2 synthetic classes per ID) or use another family")
         backbone, width = torchvision_backbone(hp.backbone, hp.width_mult, hp.dropout)
         head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale)
-        self._n_ids = info.n_classes
+        warps = None
         if hp.warp:
             centres = mel_centres(info.n_mels, 0.0, info.f_max)
-            self._warps = warp_table((1.0, *hp.warp_alphas), centres, info.f_max)
-        return IdClassifierNet(backbone, head, info.n_classes, hp.input_norm)
-
-    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training inputs and target distributions: random warp class per patch, then mixup."""
-        if self._n_ids is None:
-            raise RuntimeError("id_classifier: build() must run before loss()")
-        n, k = self._n_ids, self.n_warps()
-        cls = y
-        if self._warps is not None:
-            state = torch.randint(0, k, (x.shape[0],), device=x.device)
-            x = warp(x, self._warps, state)
-            cls = y + state * n
-        if self.hp.mixup != "none":
-            m = mixup(x, cls, n * k, self.hp.mixup, self.hp.mixup_fraction, self.hp.mixup_lambda,
-                      self.hp.mixup_beta, groups=y)
-            return m.x, m.target
-        return x, F.one_hot(cls, n * k).float()
+            warps = warp_table((1.0, *hp.warp_alphas), centres, info.f_max)
+        return IdClassifierNet(backbone, head, info.n_classes, hp, warps)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, target = self.augment(batch.x, batch.y)
-        return soft_cross_entropy(model(x, target), target)
+        logits, target = model(batch.x, labels=batch.y)
+        return soft_cross_entropy(logits, target)
 
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         recalibrate_batchnorm(model, data, self.hp.precise_bn)
@@ -177,12 +191,14 @@ class IdClassifier(Family):
         return F.log_softmax(model(x).float(), dim=1)
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        n = model.n_ids
+        net = cast(IdClassifierNet, model)
+        n = net.n_ids
         if y.numel() and int(y.max()) >= n:
-            raise ValueError(f"class index {int(y.max())} out of range for a model of {n} machine IDs")
-        logp = self.class_log_probs(model, x)[:, :n]
+            raise ValueError(f"class index {int(y.max())} out of range for a net of {n} machine IDs")
+        logp = self.class_log_probs(net, x)[:, :n]
         true = logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
         return -torch.where(y >= 0, true, logp.max(dim=1).values)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.features(x)
+        net = cast(IdClassifierNet, model)
+        return net.features(x)

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, UNet
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass
@@ -103,9 +103,7 @@ class MaskedUNetFamily(StandardizedInput, Family):
     name = "masked_unet"
     Config = MaskedUNetConfig
     description = "Hauser et al. (2023) masked-patch U-Net; score = masked error averaged over K masks"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+    layout = "image"
 
     def build(self, info: DataInfo) -> nn.Module:
         return MaskedUNet(info.n_mels, self.view().window_length(info.n_frames), self.hp)

@@ -20,14 +20,14 @@ distance of the latent to its centre, averaged over the clip's windows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 CHANNELS = (32, 64, 128, 256)
 DROPOUT = (0.0, 0.2, 0.3, 0.3)
@@ -54,6 +54,9 @@ class SVDDAEConfig:
 
 
 class SVDDAE(nn.Module):
+    centre: torch.Tensor
+    centre_set: torch.Tensor
+
     def __init__(self, n_mels: int, frames: int, n_centres: int, hp: SVDDAEConfig):
         super().__init__()
         self.norm = Standardize()
@@ -87,7 +90,7 @@ class SVDDAE(nn.Module):
         assert self.decoder is not None
         h = torch.relu(self.decoder["from_latent"](z))
         sizes = [size] + [f.shape[-2:] for f in feats[:-1]]
-        convs = self.decoder["convs"]
+        convs = cast(nn.ModuleList, self.decoder["convs"])
         for i, deconv in enumerate(convs):
             if self.skips:
                 h = torch.cat([h, feats[-1 - i].to(h.dtype)], dim=1)
@@ -123,9 +126,7 @@ class SVDDAEFamily(StandardizedInput, Family):
     name = "svdd_ae"
     Config = SVDDAEConfig
     description = "Juros et al. conv autoencoder with a Deep SVDD centre loss; score = distance to the centre"
-
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="image")
+    layout = "image"
 
     def build(self, info: DataInfo) -> nn.Module:
         n_centres = max(info.n_classes, 1) if self.hp.centres == "per_class" else 1
@@ -134,12 +135,13 @@ class SVDDAEFamily(StandardizedInput, Family):
     @torch.no_grad()
     def before_training(self, model: nn.Module, data: ClipSet) -> None:
         """Fit the input standardisation, then fix the centre(s) from one pass of the initial encoder."""
-        super().before_training(model, data)
-        k = model.centre.shape[0]
-        total = torch.zeros_like(model.centre, dtype=torch.float64)
+        net = cast(SVDDAE, model)
+        super().before_training(net, data)
+        k = net.centre.shape[0]
+        total = torch.zeros_like(net.centre, dtype=torch.float64)
         n = torch.zeros(k, dtype=torch.float64, device=total.device)
         for b in data.batches(512, shuffle=False):
-            z = model.encode(model.norm(b.x))[0].double()
+            z = net.encode(net.norm(b.x))[0].double()
             cls = b.y if k > 1 else torch.zeros_like(b.y)
             total.index_add_(0, cls, z)
             n.index_add_(0, cls, torch.ones_like(cls, dtype=torch.float64))
@@ -151,8 +153,8 @@ class SVDDAEFamily(StandardizedInput, Family):
         c = torch.where(n.view(shape) > 0, total / n.clamp(min=1).view(shape), overall).float()
         eps = self.hp.centre_eps
         c = torch.where(c.abs() < eps, torch.where(c < 0, -eps, eps), c)
-        model.centre.copy_(c)
-        model.centre_set.fill_(True)
+        net.centre.copy_(c)
+        net.centre_set.fill_(True)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         out = model(batch.x, batch.y)
@@ -162,9 +164,11 @@ class SVDDAEFamily(StandardizedInput, Family):
         return loss
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not bool(model.centre_set):
+        net = cast(SVDDAE, model)
+        if not bool(net.centre_set):
             raise RuntimeError("svdd_ae: the centre is not set; run before_training (Trainer.fit) first")
-        return model(x, y)["dist"]
+        return net(x, y)["dist"]
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encode(model.norm(x))[0].flatten(1)
+        net = cast(SVDDAE, model)
+        return net.encode(net.norm(x))[0].flatten(1)

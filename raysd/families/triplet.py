@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysd.data.views import View
 from raysd.families.augment import recalibrate_batchnorm
-from raysd.families.base import Batch, ClipSet, DataInfo, Family, register
+from raysd.families.base import Family, register
+from raysd.families.clips import Batch, ClipSet, DataInfo
 
 
 class TripletNet(nn.Module):
+    refs: torch.Tensor
+    ref_mask: torch.Tensor
+
     """CNN embedding with the per-ID reference set in buffers ``refs`` (C, K, D) and ``ref_mask`` (C, K)."""
 
     def __init__(self, info: DataInfo, frames: int, channels: tuple[int, ...], emb_dim: int, dropout: float,
@@ -87,41 +90,42 @@ def mine_triplets(y: torch.Tensor, clip: torch.Tensor | None = None,
     return anchor, pos[anchor], neg[anchor]
 
 
+@dataclass
+class TripletConfig:
+    emb_dim: int = 16
+    channels: tuple[int, ...] = (32, 64, 128)
+    dropout: float = 0.2
+    margin: float = 1.0
+    mining: Literal["random", "hard"] = "hard"  # batch-hard: farthest positive, nearest negative
+    normalize: bool = False  # L2-normalise embeddings
+    n_refs: int = 5  # K reference clips per ID
+    ref_seed: int = 0
+    patch_frames: int = 64
+    patch_hop: int = 32
+    precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
+
+    def validate(self) -> None:
+        if self.emb_dim < 1 or self.n_refs < 1:
+            raise ValueError(f"emb_dim and n_refs must be >= 1, got {self.emb_dim}, {self.n_refs}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.margin <= 0:
+            raise ValueError(f"margin must be > 0, got {self.margin}")
+        if self.patch_frames < 1 or self.patch_hop < 1:
+            raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
+        if self.precise_bn < 0:
+            raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+
+
 @register
-class Triplet(Family):
+class TripletFamily(Family):
     name = "triplet"
+    Config = TripletConfig
     description = "CNN patch embedding trained with a triplet margin loss; score = distance to K reference clips"
-
-    @dataclass
-    class Config:
-        emb_dim: int = 16
-        channels: tuple[int, ...] = (32, 64, 128)
-        dropout: float = 0.2
-        margin: float = 1.0
-        mining: Literal["random", "hard"] = "hard"  # batch-hard: farthest positive, nearest negative
-        normalize: bool = False  # L2-normalise embeddings
-        n_refs: int = 5  # K reference clips per ID
-        ref_seed: int = 0
-        patch_frames: int = 64
-        patch_hop: int = 32
-        precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
-
-        def validate(self) -> None:
-            if self.emb_dim < 1 or self.n_refs < 1:
-                raise ValueError(f"emb_dim and n_refs must be >= 1, got {self.emb_dim}, {self.n_refs}")
-            if not self.channels or any(c < 1 for c in self.channels):
-                raise ValueError(f"channels must be a non-empty list of positive widths, got {list(self.channels)}")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-            if self.margin <= 0:
-                raise ValueError(f"margin must be > 0, got {self.margin}")
-            if self.patch_frames < 1 or self.patch_hop < 1:
-                raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
-            if self.precise_bn < 0:
-                raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
-
-    def view(self) -> View:
-        return View(frames=self.hp.patch_frames, hop=self.hp.patch_hop, layout="image")
+    layout = "image"
+    window_fields = ("patch_frames", "patch_hop")
 
     def build(self, info: DataInfo) -> nn.Module:
         if info.n_classes < 2:
@@ -149,10 +153,12 @@ class Triplet(Family):
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         """Recompute BatchNorm statistics, then fix the reference set: K random training clips per ID
         (fewer if an ID has fewer clips)."""
-        recalibrate_batchnorm(model, data, self.hp.precise_bn)
-        emb = torch.cat([self.clip_embeddings(model, w) for _, w, _ in data.clip_batches(64)]) if len(data) else None
-        refs = torch.zeros_like(model.refs)
-        mask = torch.zeros_like(model.ref_mask)
+        net = cast(TripletNet, model)
+        recalibrate_batchnorm(net, data, self.hp.precise_bn)
+        emb = torch.cat([self.clip_embeddings(net, w) for _, w, _ in data.clip_batches(64)]) if len(data) else \
+            torch.zeros(0, net.refs.shape[-1])
+        refs = torch.zeros_like(net.refs)
+        mask = torch.zeros_like(net.ref_mask)
         gen = torch.Generator().manual_seed(self.hp.ref_seed)
         labels = data.labels.cpu()
         k = refs.shape[1]
@@ -165,15 +171,16 @@ class Triplet(Family):
             mask[c, :pick.numel()] = True
         if not mask.any():
             raise ValueError("triplet: no training clips to draw the reference set from")
-        model.refs.copy_(refs)
-        model.ref_mask.copy_(mask)
+        net.refs.copy_(refs)
+        net.ref_mask.copy_(mask)
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        mask = model.ref_mask
+        net = cast(TripletNet, model)
+        mask = net.ref_mask
         if not bool(mask.any()):
             raise RuntimeError("triplet: the reference set is empty; after_training() fixes it when training ends")
-        e = self.clip_embeddings(model, windows)  # (B, D)
-        refs = model.refs.float()
+        e = self.clip_embeddings(net, windows)  # (B, D)
+        refs = net.refs.float()
         d = torch.linalg.vector_norm(e[:, None, None, :] - refs[None], dim=-1)  # (B, C, K)
         w = mask.float()[None]
         per_id = (d * w).sum(-1) / w.sum(-1).clamp(min=1)

@@ -10,14 +10,14 @@ posterior mean, or ``elbo``, the loss above evaluated at the posterior mean (det
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
-from raysd.data.views import View
-from raysd.families.base import Batch, DataInfo, Family, register
+from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
+from raysd.families.clips import Batch, DataInfo
 
 
 @dataclass
@@ -73,9 +73,6 @@ class VAEFamily(StandardizedInput, Family):
     Config = VAEConfig
     description = "dense VAE on frame vectors; score = reconstruction error or negative ELBO"
 
-    def view(self) -> View:
-        return View(frames=self.hp.frames, hop=self.hp.hop, layout="vector")
-
     def build(self, info: DataInfo) -> nn.Module:
         return VAE(self.hp.frames * info.n_mels, self.hp)
 
@@ -92,4 +89,5 @@ class VAEFamily(StandardizedInput, Family):
         return se / target.shape[1]
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model.encode(model.norm(x))[0]
+        net = cast(VAE, model)
+        return net.encode(net.norm(x))[0]

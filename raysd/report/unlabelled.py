@@ -1,4 +1,4 @@
-"""The strangest moments of long unlabelled recordings, for a person to look at before listening.
+"""Anomaly reports: the strangest moments of long unlabelled recordings, for a person to look at before listening.
 
 :func:`write_report` turns per-clip anomaly scores of recordings (columns ``recording, offset, num_samples,
 sample_rate, score`` and, for the pictures, ``path`` of the audio file) into a report folder:
@@ -12,10 +12,9 @@ sample_rate, score`` and, for the pictures, ``path`` of the audio file) into a r
 - ``embedding_<pca|tsne>.png``: for families with a bottleneck (``Family.embed``), a 2-D projection of the
   clips' embeddings coloured by score percentile, the top N circled.
 
-Both ``python -m raysd.leaderboard`` (unlabelled experiments: the best trial's score tables) and
-``python -m raysd.score`` (new recordings) write it. :func:`stream` scores and embeds clips of any length of
-recording in batches read straight from the file (``raysd.data.features.extract``), so memory stays flat.
-Every file is written atomically; the spectrogram folder is swapped in whole.
+Both ``python -m raysd.leaderboard`` (unlabelled experiments: :func:`unlabelled_reports` on the best trial's
+score tables) and ``python -m raysd.score`` (new recordings) write it. Every file is written atomically; the
+spectrogram folder is swapped in whole.
 """
 
 from __future__ import annotations
@@ -24,16 +23,24 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from raysd.atomic import atomic_path
+from raysd import artifacts, storage
+from raysd.atomic import atomic_path, replace_dir
+from raysd.data import audio
+from raysd.data.audio import AudioError
+from raysd.data.features import resolve_device
+from raysd.ensemble import EnsembleError, fit_stats, standardise
+from raysd.inference import embed_table
+from raysd.report.ensembles import experiment_document, trial_member
+from raysd.report.experiment import Experiment, Trial, read_scores
+from raysd.report.plots import plot_embedding, plot_pair, plot_score_histogram
 
+EMBED_MAX_CLIPS = 20000  # clips embedded again for the embedding view of unlabelled data (top clips always)
 REPORT_CSV = "anomalies.csv"
 SPECTROGRAM_DIR = "spectrograms"
 HISTOGRAM_PNG = "anomaly_scores.png"
@@ -127,127 +134,6 @@ def typical_clip(scores: np.ndarray) -> int:
     return int(order[(len(order) - 1) // 2])
 
 
-# ---------------------------------------------------------------------- scoring and embedding, streamed
-@torch.no_grad()
-def clip_embeddings(trainer, clips, clips_per_batch: int = 16) -> np.ndarray | None:
-    """Mean bottleneck embedding of each clip's windows (float32 (N, d)); None for families without one."""
-    model, family = trainer.model, trainer.family
-    model.eval()
-    out = []
-    for _, windows, _ in clips.clip_batches(clips_per_batch):
-        b, p = windows.shape[:2]
-        with trainer.autocast():
-            z = family.embed(model, windows.reshape(b * p, *windows.shape[2:]))
-        if z is None:
-            return None
-        out.append(z.float().reshape(b, p, -1).mean(dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def stream(trainer, spec, table: pd.DataFrame, device: torch.device | str = "cpu", batch_size: int = 64,
-           score: bool = True, embed: bool = False, failed: list | None = None, workers: int | None = None
-           ) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
-    """(positions in ``table``, anomaly scores, embeddings) batch by batch.
-
-    ``table`` holds catalog-like rows (path, file, offset, num_samples, sample_rate, section); each batch of
-    clips is read from its file, featurised with ``spec`` as at training time and dropped after use (at most
-    ``workers + 1`` batches are in flight, see ``extract``). Clips that cannot be decoded are appended to
-    ``failed`` and skipped. Embeddings are None for a family without a bottleneck."""
-    from raysd.data.features import extract
-    from raysd.families.base import ClipSet
-
-    device = torch.device(device)
-    code = {c: i for i, c in enumerate(trainer.info.class_names)}
-    view = trainer.family.view()
-    sections = table["section"].astype(str).to_numpy() if "section" in table.columns else None
-    for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
-        if not ok:
-            continue
-        ok = np.asarray(ok)
-        labels = torch.tensor([code.get(s, -1) for s in sections[ok]] if sections is not None else [0] * len(ok),
-                              dtype=torch.long)
-        clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels.to(device), view)
-        yield ok, (trainer.score(clips) if score else None), (clip_embeddings(trainer, clips) if embed else None)
-
-
-def embed_table(trainer, spec, table: pd.DataFrame, device: torch.device | str = "cpu", batch_size: int = 64
-                ) -> tuple[np.ndarray | None, list]:
-    """Embeddings of every row of ``table`` (NaN rows for clips that failed to decode), and the failures."""
-    failed: list = []
-    out: np.ndarray | None = None
-    for ok, _, z in stream(trainer, spec, table, device, batch_size, score=False, embed=True, failed=failed):
-        if z is None:
-            return None, failed
-        if out is None:
-            out = np.full((len(table), z.shape[1]), np.nan, np.float32)
-        out[ok] = z
-    return out, failed
-
-
-# ---------------------------------------------------------------------- pictures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    return path
-
-
-def spectrogram_db(x: np.ndarray, sr: int, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
-    """Power spectrogram in dB (frequency bins x frames) for display."""
-    w = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    n_fft = min(n_fft, max(16, 1 << int(math.log2(max(len(w), 16)))))
-    spec = torch.stft(w, n_fft, hop_length=min(hop, n_fft // 4), window=torch.hann_window(n_fft),
-                      return_complex=True, center=True)
-    return (10 * torch.log10(spec.abs().square() + 1e-10)).numpy()
-
-
-def plot_pair(top: dict, typical: dict, path: Path) -> Path:
-    """A top clip's spectrogram beside the typical clip's, on one colour scale. Each dict holds the clip's
-    ``audio``, ``sr`` and ``title``."""
-    plt = _plt()
-    specs = [spectrogram_db(c["audio"], c["sr"]) for c in (top, typical)]
-    vmax = max(float(s.max()) for s in specs)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
-    for ax, c, s in zip(axes, (top, typical), specs):
-        im = ax.imshow(s, origin="lower", aspect="auto", cmap="magma", vmin=vmax - 80, vmax=vmax,
-                       extent=(0, len(c["audio"]) / c["sr"], 0, c["sr"] / 2000))
-        ax.set_title(c["title"], fontsize=8)
-        ax.set_xlabel("seconds into the clip")
-    axes[0].set_ylabel("kHz")
-    fig.colorbar(im, ax=list(axes), label="dB", fraction=0.03, pad=0.01)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def plot_histogram(scores: np.ndarray, top_scores: np.ndarray, typical: float, path: Path, title: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.hist(scores, bins=int(np.clip(len(scores) // 4, 20, 120)), color="tab:blue", alpha=0.8,
-            label=f"all clips ({len(scores)})")
-    for i, v in enumerate(top_scores):
-        ax.axvline(v, color="tab:red", lw=0.8, alpha=0.7, label=f"top {len(top_scores)}" if i == 0 else None)
-    ax.axvline(typical, color="black", ls="--", lw=1, label="median (typical clip)")
-    ax.set_yscale("log")
-    ax.set_xlabel("anomaly score")
-    ax.set_ylabel("clips")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
-
-
 def project(z: np.ndarray, method: str = "pca", seed: int = 0, keep: np.ndarray | None = None,
             max_points: int = TSNE_MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """2-D projection of embeddings: (rows projected, their coordinates). PCA uses every row; t-SNE at most
@@ -273,26 +159,6 @@ def project(z: np.ndarray, method: str = "pca", seed: int = 0, keep: np.ndarray 
     return rows, TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z[rows])
 
 
-def plot_embedding(xy: np.ndarray, pct: np.ndarray, top_pos: np.ndarray, path: Path, title: str) -> Path:
-    """Clips in the projection plane coloured by score percentile; ``top_pos`` (rows of ``xy``, best first) circled."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    order = np.argsort(pct, kind="stable")  # high percentiles drawn last, on top
-    sc = ax.scatter(xy[order, 0], xy[order, 1], c=pct[order], cmap="viridis", vmin=0, vmax=100, s=7, lw=0)
-    ax.scatter(xy[top_pos, 0], xy[top_pos, 1], s=60, facecolors="none", edgecolors="tab:red", lw=1.2,
-               label=f"top {len(top_pos)}")
-    for r, i in enumerate(top_pos[:10], start=1):
-        ax.annotate(str(r), xy[i], fontsize=7, color="tab:red", xytext=(3, 3), textcoords="offset points")
-    fig.colorbar(sc, ax=ax, label="score percentile")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="best")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
-
-
-# ---------------------------------------------------------------------- the report
 @dataclass
 class AnomalyReport:
     out: Path
@@ -310,8 +176,6 @@ def _safe(name: str) -> str:
 
 
 def _clip_audio(row: pd.Series) -> tuple[np.ndarray, int]:
-    from raysd.data import audio
-
     return audio.read(str(row["path"]), int(row["offset"]), int(row["num_samples"]))
 
 
@@ -326,9 +190,6 @@ def _clip_title(prefix: str, row: pd.Series, pct: float) -> str:
 def write_spectrograms(clips: pd.DataFrame, top: pd.DataFrame, out: Path, notes: list[str]) -> list[str]:
     """One PNG per top clip beside the typical clip, in ``out/spectrograms`` (swapped in whole).
     Returns each top clip's PNG path relative to ``out`` ('' where its audio could not be read)."""
-    from raysd.data.audio import AudioError
-    from raysd.leaderboard import replace_dir
-
     pct = percentiles(clips["score"].to_numpy(float))
     mid = typical_clip(clips["score"].to_numpy(float))
     try:
@@ -389,7 +250,7 @@ def write_report(clips: pd.DataFrame, out: str | os.PathLike, top: int = DEFAULT
         else:
             report.notes.append("no spectrograms: the clips' audio files are not known")
         head = f"{title}: " if title else ""
-        report.files.append(plot_histogram(scores, ranked["score"].to_numpy(float), float(np.median(scores)),
+        report.files.append(plot_score_histogram(scores, ranked["score"].to_numpy(float), float(np.median(scores)),
                                            out / HISTOGRAM_PNG, f"{head}{len(scores)} clips, top {len(ranked)} marked"))
         if embeddings is not None and projection != "none":
             good = np.isfinite(embeddings).all(axis=1)
@@ -424,16 +285,106 @@ def read_report(path: str | os.PathLike) -> pd.DataFrame:
     return t
 
 
-def markdown(report: AnomalyReport, base: Path) -> str:
-    """The report's top clips and pictures as a markdown section (links relative to ``base``)."""
-    def rel(p: Path) -> str:
-        return os.path.relpath(p, base)
+# ---------------------------------------------------------------------- unlabelled experiments
+def report_clips(t: Trial) -> tuple[pd.DataFrame, str]:
+    """The clips whose strangest moments are reported for a trial, and what they are: the examined recording's
+    test clips if there are any, else every clip the trial scored (training, held-out, test)."""
+    test = t.test.loc[t.test["split"] == "test"] if t.test is not None else None
+    if test is not None and len(test):
+        n = test["file"].nunique()
+        return test, f"the examined recording{'s' if n > 1 else ''} ({', '.join(sorted(test['file'].unique())[:3])})"
+    if t.heldout is None and t.checkpoint and storage.exists(storage.join(t.checkpoint, artifacts.SCORES_HELDOUT)):
+        t.heldout = read_scores(storage.join(t.checkpoint, artifacts.SCORES_HELDOUT))
+    parts = [p for p in (t.train, t.heldout, t.test) if p is not None and len(p)]
+    clips = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    key = [c for c in ("file", "offset") if c in clips.columns]
+    clips = clips.drop_duplicates(key) if key else clips
+    return clips, "every clip the trial scored (training and held-out; no recording was examined: set " \
+                  "heldout.examine in the preset to report on one recording)"
 
-    lines = ["| rank | recording | start | end | score | percentile | spectrogram |", "|---|---|---|---|---|---|---|"]
-    for r in report.top.itertuples(index=False):
-        pic = f"[png]({rel(report.out / r.spectrogram)})" if r.spectrogram else ""
-        lines.append(f"| {r.rank} | {r.recording} | {r.start} | {r.end} | {r.score:.4g} | {r.percentile:.2f} | {pic} |")
-    lines.append("")
-    lines += [f"![{p.stem}]({rel(p)})" for p in report.files if p.suffix == ".png"]
-    lines += [f"- {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"
+
+@dataclass
+class Unlabelled:
+    reports: dict[str, AnomalyReport]  # machine type -> its report
+    what: dict[str, str]  # machine type -> which clips, which trial
+    doc: dict | None
+    files: list[Path]
+
+
+def unlabelled_reports(exp: Experiment, board: pd.DataFrame, values: dict[str, float], out: Path, top: int,
+                       quantile: float, projection: str, plots: bool, notes: list[str],
+                       device: str | None = None) -> Unlabelled:
+    """For each machine type, the best trial by the search metric: its anomaly report and a one-member entry of
+    ``ensemble.json``."""
+    by_key = {t.key: t for t in exp.trials}
+    best = board[board["rank"] == 1]
+    types_with = sorted(best["machine_type"].unique())
+    reports, what, entries, files = {}, {}, {}, []
+    data_root = str(exp.meta.get("data_root") or "")
+    for mt in types_with:
+        row = best[best["machine_type"] == mt].iloc[0]
+        t = by_key[f"{row['study']}/{row['trial_id']}"]
+        assert t.train is not None, f"{t.name} is ranked, so its score tables were read"
+        try:
+            stats = fit_stats(t.train, t.name)
+            z_train = standardise(t.train.loc[t.train["split"] == "train"], stats, t.name)
+        except EnsembleError as e:
+            notes.append(f"{mt}: best trial {t.name} has unusable training scores ({e}); no report")
+            continue
+        entry = trial_member(t, 1, stats.loc[stats["machine_type"] == mt])
+        thr = {s: v for (_, s), v in artifacts.thresholds(z_train, quantile).items()}
+        entries[mt] = artifacts.type_entry("best single", "single", "mean", [entry], thr, {exp.metric: values[t.key]})
+        clips, which = report_clips(t)
+        missing = [c for c in ("offset", "num_samples", "sample_rate") if c not in clips.columns]
+        if clips.empty or missing:
+            notes.append(f"{mt}: no anomaly report: the score tables of {t.name} "
+                         + ("are empty" if clips.empty else f"lack the clip columns {missing} (written by an older "
+                                                            "raysd; score the recording with python -m raysd.score)"))
+            continue
+        clips = clips.assign(recording=clips["file"].astype(str), num_samples=clips["num_samples"].astype("int64"),
+                             sample_rate=clips["sample_rate"].astype("int64")).reset_index(drop=True)
+        has_audio = bool(data_root) and not storage.is_remote(str(data_root)) and \
+            Path(data_root, str(clips["file"].iloc[0])).is_file()
+        embeddings, label = None, ""
+        if has_audio:
+            clips["path"] = [str(Path(data_root, f)) for f in clips["file"].astype(str)]
+        elif plots:
+            notes.append(f"{mt}: the recordings are not under the experiment's data root {data_root}: no "
+                         "spectrograms or embedding view")
+        if has_audio and plots and projection != "none":
+            rows = np.arange(len(clips))
+            if len(clips) > EMBED_MAX_CLIPS:  # the top clips and a seeded sample of the others
+                best_rows = np.argsort(-clips["score"].astype(float).to_numpy(), kind="stable")[:top]
+                rest = np.setdiff1d(rows, best_rows)
+                rows = np.union1d(best_rows, np.random.default_rng(0).choice(rest, EMBED_MAX_CLIPS - len(best_rows),
+                                                                               replace=False))
+                notes.append(f"{mt}: the embedding view shows the top {len(best_rows)} and a random sample of "
+                             f"{len(rows) - len(best_rows)} of the other {len(clips) - len(best_rows)} clips")
+            try:
+                member = artifacts.load_member(entry, resolve_device(device), str(out / artifacts.ENSEMBLE_FILE))
+                sub, failed = embed_table(member.trainer, member.spec, clips.iloc[rows].reset_index(drop=True),
+                                          resolve_device(device))
+            except (artifacts.ArtifactError, KeyError, TypeError, ValueError) as e:
+                notes.append(f"{mt}: no embedding view ({type(e).__name__}: {e})")
+            else:
+                label = f"{t.name} bottleneck"
+                if sub is None:
+                    notes.append(f"{mt}: {t.family} has no bottleneck embedding: no embedding view")
+                else:
+                    embeddings = np.full((len(clips), sub.shape[1]), np.nan, np.float32)
+                    embeddings[rows] = sub
+                    if failed:
+                        notes.append(f"{mt}: {len(failed)} clip(s) could not be decoded for the embedding view")
+        dest = out if len(types_with) == 1 else out / "anomalies" / mt.replace("/", "-")
+        try:
+            rep = write_report(clips, dest, top=top, embeddings=embeddings, projection=projection,
+                               title=f"{mt}: {t.name}", plots=plots, embedding_label=label)
+        except ReportError as e:
+            notes.append(f"{mt}: no anomaly report ({e})")
+            continue
+        reports[mt], what[mt] = rep, f"best trial {t.name} ({exp.metric} {values[t.key]:.4g}); clips: {which}"
+        notes += [f"{mt}: {n}" for n in rep.notes]
+        files += rep.files
+    return Unlabelled(reports, what, experiment_document(exp, entries, quantile) if entries else None, files)
+
+

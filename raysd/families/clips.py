@@ -1,0 +1,95 @@
+"""What a family trains and scores on: the study's data description, training batches and clip sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from raysd.data.views import View
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a family needs to know about a study's data to build its model."""
+
+    n_mels: int
+    n_frames: int
+    n_classes: int
+    class_names: tuple[str, ...] = ()
+    sample_rate: int = 16000
+    f_max: float = 8000.0
+
+
+@dataclass
+class Batch:
+    """A training batch of windows: ``x`` (B, *sample_shape), ``y`` class (machine ID / section) index,
+    ``clip`` index of the clip each window came from (into the worker's :class:`ClipSet`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    clip: torch.Tensor
+
+
+class ClipSet:
+    """Log-mel clips of one study held as one (optionally device-resident) tensor.
+
+    ``clips`` is (N, M, T); ``labels`` (N,) the class index of each clip. Batches are drawn by index
+    from a frame-major copy, so an epoch costs no host-to-device copies once the tensor is on the device.
+    """
+
+    def __init__(self, clips: torch.Tensor, labels: torch.Tensor, view: View):
+        if clips.ndim != 3:
+            raise ValueError(f"ClipSet expects clips of shape (N, n_mels, n_frames), got {tuple(clips.shape)}")
+        if labels.shape != (clips.shape[0],):
+            raise ValueError(f"ClipSet labels must have shape ({clips.shape[0]},), got {tuple(labels.shape)}")
+        self.clips = clips
+        self.labels = labels.long()
+        self.view = view
+        self.frames_major = clips.transpose(1, 2).contiguous()
+        self.starts = view.starts(clips.shape[2]).to(clips.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clips.device
+
+    def __len__(self) -> int:
+        return self.clips.shape[0]
+
+    @property
+    def num_windows(self) -> int:
+        return len(self) * self.starts.numel()
+
+    def subset(self, idx: torch.Tensor) -> ClipSet:
+        idx = idx.to(self.clips.device)
+        return ClipSet(self.clips[idx], self.labels[idx], self.view)
+
+    def to(self, device: torch.device | str) -> ClipSet:
+        return ClipSet(self.clips.to(device), self.labels.to(device), self.view)
+
+    def batch(self, window_idx: torch.Tensor) -> Batch:
+        p = self.starts.numel()
+        clip = torch.div(window_idx, p, rounding_mode="floor")
+        start = self.starts[window_idx % p]
+        return Batch(self.view.gather(self.frames_major, clip, start), self.labels[clip], clip)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """One epoch over every window of every clip."""
+        n = self.num_windows
+        if shuffle:
+            order = torch.randperm(n, generator=generator, device="cpu").to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for i in range(0, stop, batch_size):
+            yield self.batch(order[i:i + batch_size])
+
+    def clip_batches(self, clips_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(clip indices, windows (B, P, *shape), labels) in clip order, for scoring."""
+        for i in range(0, len(self), clips_per_batch):
+            idx = torch.arange(i, min(i + clips_per_batch, len(self)), device=self.device)
+            yield idx, self.view.windows(self.clips[idx]), self.labels[idx]

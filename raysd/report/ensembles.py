@@ -1,0 +1,168 @@
+"""Ensembles of one machine type's trials (Giri et al.): candidates (the best single model, the best trial of each
+family, greedy forward selection with replacement), the choice among them by the selection half, the
+ensembles table and the ``ensemble.json`` document (its format is :mod:`raysd.artifacts`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from raysd import artifacts
+from raysd.ensemble import (
+    METRIC_KEYS,
+    align,
+    combine_matrix,
+    fit_stats,
+    greedy_select,
+    half_rows,
+    selection_value,
+    standardise,
+)
+from raysd.report.board import aggregate_columns, figures
+from raysd.report.experiment import Experiment, Trial
+
+
+@dataclass
+class Candidate:
+    """One model of a machine type: the best single trial or an ensemble of standardised members."""
+
+    machine_type: str
+    name: str
+    kind: str  # 'single', 'family-best', 'greedy'
+    combine: str
+    weights: dict[str, int]  # member name -> weight
+    test: pd.DataFrame  # combined standardised scores, test clips
+    train: pd.DataFrame  # combined standardised scores, training clips
+    selection: float = math.nan
+    figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def members(self) -> list[str]:
+        return list(self.weights)
+
+
+def member_label(weights: dict[str, int]) -> str:
+    return " + ".join(f"{n} x{w}" if w > 1 else n for n, w in weights.items())
+
+
+def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: dict[str, float],
+                       top_k: int, steps: int) -> tuple[list[Candidate], dict[str, pd.DataFrame]]:
+    """Candidates of one machine type (best single first) and each used member's standardisation statistics."""
+    rule, metric, mode = exp.rule, exp.metric, exp.mode
+    sign = 1 if mode == "max" else -1
+    ranked = sorted((t for t in trials if t.key in values), key=lambda t: (-sign * values[t.key], t.name))
+    if not ranked:
+        return [], {}
+    fam_best: dict[str, Trial] = {}
+    for t in ranked:
+        fam_best.setdefault(t.family, t)
+    library = ranked[:max(1, top_k)]
+    pool = list({t.key: t for t in library + list(fam_best.values())}.values())
+    stats = {t.name: fit_stats(t.train, t.name) for t in pool}
+    z_test = [standardise(t.test, stats[t.name], t.name) for t in pool]
+    z_train = [standardise(train.loc[train["split"] == "train"], stats[t.name], t.name)
+               for t in pool if (train := t.train) is not None]  # every trial of the pool is scored
+    names = [t.name for t in pool]
+    meta_test, zt = align(z_test, names)
+    meta_train, zr = align(z_train, names)
+    col = {n: j for j, n in enumerate(names)}
+
+    def build(name: str, kind: str, rule_: str, weights: dict[str, int]) -> Candidate:
+        w = np.zeros(len(names))
+        for n, k in weights.items():
+            w[col[n]] = k
+        test = meta_test.assign(score=combine_matrix(zt, w, rule_))
+        train = meta_train.assign(score=combine_matrix(zr, w, rule_))
+        return Candidate(mt, name, kind, rule_, dict(weights), test, train,
+                         selection=selection_value(test, metric, rule), figures=figures(test, rule))
+
+    out = [build("best single", "single", "mean", {ranked[0].name: 1})]
+    if len(fam_best) > 1:
+        for r in ("mean", "max"):
+            out.append(build(f"family-best {r}", "family-best", r, {t.name: 1 for t in fam_best.values()}))
+    if len(library) > 1:
+        lib_idx = [col[t.name] for t in library]
+        sel_mask = half_rows(meta_test, "selection").index.to_numpy()
+        sel_meta = meta_test.loc[sel_mask]
+        for r in ("mean", "max"):
+            zs = zt[np.ix_(sel_mask, lib_idx)]
+            pick = greedy_select(zs, [t.name for t in library],
+                                 lambda s: selection_value(sel_meta.assign(score=s), metric, rule), rule=r,
+                                 steps=steps, mode=mode)
+            out.append(build(f"greedy {r}", "greedy", r, pick.weights))
+    return out, {n: stats[n] for c in out for n in c.members}
+
+
+def choose(cands: list[Candidate], mode: str) -> Candidate:
+    sign = 1 if mode == "max" else -1
+    valid = [c for c in cands if math.isfinite(c.selection)]
+    if not valid:
+        return cands[0]
+    return max(valid, key=lambda c: (sign * c.selection, -len(c.members), -cands.index(c)))
+
+
+def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chosen: dict[str, Candidate]
+                    ) -> pd.DataFrame:
+    rule = exp.rule
+    key = METRIC_KEYS.get(exp.metric.removeprefix("sel_"), "auc")
+    key = "official" if key == "score" else key
+    rows = []
+
+    def row(mt: str, name: str, kind: str, comb: str, members: str, n: float, figs: dict, single: dict,
+            is_chosen: bool) -> None:
+        r = {"machine_type": mt, "ensemble": name, "kind": kind, "combine": comb, "n_members": n, "members": members,
+             "chosen": is_chosen}
+        r.update({c: figs.get(c, math.nan) for c in aggregate_columns(rule)})
+        for p in ("report", "test"):
+            r[f"gain_{p}_{key}"] = figs.get(f"{p}_{key}", math.nan) - single.get(f"{p}_{key}", math.nan)
+        rows.append(r)
+
+    for mt, cands in per_type.items():
+        single = cands[0].figures
+        for c in cands:
+            row(mt, c.name, c.kind, c.combine, member_label(c.weights), len(c.members), c.figures, single,
+                c is chosen[mt])
+    # over all machine types: the same candidate kind in every type, and the chosen ones
+    names = [c.name for c in next(iter(per_type.values()))] if per_type else []
+    overall: dict[str, dict] = {}
+    for name in names:
+        parts = [c for cands in per_type.values() for c in cands if c.name == name]
+        if len(parts) < len(per_type):
+            continue
+        overall[name] = figures(pd.concat([p.test for p in parts], ignore_index=True), rule)
+    overall["chosen"] = figures(pd.concat([c.test for c in chosen.values()], ignore_index=True), rule)
+    single = overall.get("best single", {})
+    for name, figs in overall.items():
+        kind = "chosen" if name == "chosen" else next(c.kind for c in next(iter(per_type.values())) if c.name == name)
+        row("(all)", name, kind, "", "", math.nan, figs, single, False)
+    df = pd.DataFrame(rows)
+    df["n_members"] = df["n_members"].astype("Int64")
+    return df.dropna(axis=1, how="all")
+
+
+def ensemble_document(exp: Experiment, chosen: dict[str, Candidate], stats: dict[str, dict[str, pd.DataFrame]],
+                      by_name: dict[str, Trial], quantile: float) -> dict:
+    """``ensemble.json``: per machine type, the chosen candidate's members, rule and thresholds."""
+    types = {}
+    for mt, c in chosen.items():
+        thr = artifacts.thresholds(c.train, quantile)
+        members = [trial_member(by_name[n], w, stats[mt][n].loc[stats[mt][n]["machine_type"] == mt])
+                   for n, w in c.weights.items()]
+        types[mt] = artifacts.type_entry(c.name, c.kind, c.combine, members, {s: v for (_, s), v in thr.items()},
+                                         {k: v for k, v in c.figures.items() if k in aggregate_columns(exp.rule)})
+    return experiment_document(exp, types, quantile)
+
+
+def trial_member(trial: Trial, weight: int, stats: pd.DataFrame) -> dict:
+    """The ``ensemble.json`` member entry of a finished trial."""
+    return artifacts.member_entry(trial.name, trial.family, str(trial.checkpoint), trial.params, stats, weight,
+                                  study=trial.study, trial_id=trial.trial_id)
+
+
+def experiment_document(exp: Experiment, types: dict, quantile: float) -> dict:
+    """The ``ensemble.json`` document of an experiment around its per-machine-type entries."""
+    return artifacts.ensemble_document(types, quantile, exp.meta.get("layout", ""), experiment=exp.root,
+                                       preset=exp.preset, rule=exp.rule, metric=exp.metric)

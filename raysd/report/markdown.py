@@ -1,0 +1,119 @@
+"""Markdown: tables, the anomaly-report section and the leaderboard's ``summary.md``."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raysd.ensemble import METRIC_KEYS
+from raysd.report.experiment import Experiment
+from raysd.report.unlabelled import AnomalyReport, Unlabelled
+
+INT_COLUMNS = ("epochs", "rank", "n_members", "workers")
+
+
+def fmt(v: Any, column: str = "") -> str:
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if column in INT_COLUMNS or column.endswith("seconds"):
+            return f"{v:.0f}"
+        return f"{v:.4f}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(none)\n"
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v, c) for v, c in zip(r, df.columns)) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, ens: pd.DataFrame,
+                     plots: dict[str, list[str]], notes: list[str], top: int, unlabelled: Unlabelled | None = None,
+                     out: Path | None = None) -> str:
+    rule = exp.rule
+    key = exp.metric.removeprefix("sel_")
+    counts = board["status"].value_counts()
+    lines = [f"# raysd leaderboard: {exp.preset}", "",
+             f"Experiment `{exp.root}`, rule {rule}, search metric `{exp.metric}` ({exp.mode}), "
+             f"{len(board)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    if key in METRIC_KEYS:
+        lines += ["`sel_*` figures are on the selection half of the test clips (used by the search and to pick models "
+                  "and ensembles), `report_*` on the disjoint report half (used for nothing else), `test_*` on all "
+                  "labelled test clips.", ""]
+    else:
+        better = "lower" if exp.mode == "min" else "higher"
+        lines += [f"**Unlabelled data: trials are ranked by `{exp.metric}`** ({better} is better"
+                  + (", the family's own training objective on held-out clips that no training clip touches"
+                     if exp.metric == "heldout_loss" else "")
+                  + "), not by AUC: the data set has no labels.", ""]
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    if not ens.empty:
+        lines += ["## Ensembles against the best single model", ""]
+        show = ["machine_type", "ensemble", "n_members", "members"] + \
+               [c for c in (f"sel_{key}", f"report_{key}", f"test_{key}", "report_auc", "report_pauc",
+                            f"gain_report_{key}") if c in ens.columns] + ["chosen"]
+        show = list(dict.fromkeys(show))
+        lines += [markdown_table(ens[show]), ""]
+        allrow = ens[(ens["machine_type"] == "(all)")]
+        if not allrow.empty and f"report_{key}" in ens.columns:
+            s = allrow.loc[allrow["ensemble"] == "best single", f"report_{key}"]
+            c = allrow.loc[allrow["ensemble"] == "chosen", f"report_{key}"]
+            if len(s) and len(c):
+                lines += [f"Over all machine types, the chosen models reach report-half {key} {c.iloc[0]:.4f} against "
+                          f"{s.iloc[0]:.4f} for the best single model of each type ({c.iloc[0] - s.iloc[0]:+.4f}).", ""]
+    if unlabelled is not None:
+        for mt, rep in unlabelled.reports.items():
+            lines += [f"## Strangest moments: {mt}", "", f"{unlabelled.what[mt]}.", "",
+                      anomaly_markdown(rep, out if out is not None else rep.out), ""]
+    lines += ["## Best model of each family", ""]
+    show = [c for c in ["machine_type", "family", "trial_id", "epochs", exp.metric, f"sel_{key}", "report_auc",
+                        "report_pauc", f"report_{key}", "test_auc", "test_pauc", "train_seconds", "gpu_hours"]
+            if c in best.columns]
+    lines += [markdown_table(best[list(dict.fromkeys(show))]), ""]
+    lines += [f"## Leaderboard (top {top} finished trials per machine type)", ""]
+    done = board[board["rank"].notna() & (board["rank"] <= top)]
+    show = [c for c in ["machine_type", "rank", "family", "trial_id", "epochs", exp.metric, f"sel_{key}",
+                        f"report_{key}", "test_auc", "test_pauc", "train_seconds"] if c in board.columns]
+    lines += [markdown_table(done[list(dict.fromkeys(show))]), ""]
+    other = board[board["status"] != "finished"]
+    fin_bad = board[(board["status"] == "finished") & board["rank"].isna()]
+    if len(other) or len(fin_bad):
+        lines += ["## Trials without scores", ""]
+        lines += [markdown_table(pd.concat([other, fin_bad])[["machine_type", "family", "trial_id", "status", "epochs",
+                                                               "reason"]]), ""]
+    for mt, files in plots.items():
+        if files:
+            lines += [f"## {mt}", ""] + [f"![{Path(f).stem}]({f})" for f in files] + [""]
+    if key in METRIC_KEYS:
+        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`, `ensembles.csv`; chosen models: `ensemble.json` "
+                  "(score new recordings with `python -m raysd.score ensemble.json PATH...`), per-clip scores "
+                  "`ensemble_scores.csv`, DCASE submission files in `submission/`.", ""]
+    else:
+        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`; the best trial of each machine type: "
+                  "`ensemble.json` (`python -m raysd.score ensemble.json RECORDING.wav --report DIR` writes the same "
+                  "report for a new recording).", ""]
+    return "\n".join(lines)
+
+
+def anomaly_markdown(report: AnomalyReport, base: Path) -> str:
+    """The report's top clips and pictures as a markdown section (links relative to ``base``)."""
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, base)
+
+    lines = ["| rank | recording | start | end | score | percentile | spectrogram |", "|---|---|---|---|---|---|---|"]
+    for r in report.top.itertuples(index=False):
+        pic = f"[png]({rel(report.out / r.spectrogram)})" if r.spectrogram else ""
+        lines.append(f"| {r.rank} | {r.recording} | {r.start} | {r.end} | {r.score:.4g} | {r.percentile:.2f} | {pic} |")
+    lines.append("")
+    lines += [f"![{p.stem}]({rel(p)})" for p in report.files if p.suffix == ".png"]
+    lines += [f"- {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"
