@@ -1,0 +1,184 @@
+"""The GPU check: raysd's training, scoring and feature extraction on a CUDA device, without Ray.
+
+A device machine lent for a short while may not have Ray (its wheel is larger than what a call may
+carry), so this drives ``raysd.train.Trainer`` directly. It measures, on the device:
+
+- ``families``: every registered family's training and scoring throughput with bf16 autocast, and the
+  plain PyTorch loop it is compared with (``benchmarks/families.py``, ``--device cuda``), plus
+  masked_unet's batched K-mask scoring against the clip-by-clip loop (``masked_unet_batched_vs_loop``);
+- ``features``: log-mel extraction (``raysd.data.features.LogMel``, torchaudio) of 10 s clips on the
+  device against the same module on this machine's CPU cores, the reference, in clips per second;
+- ``fit``: one short end-to-end ``Trainer.fit`` of ``dense_ae`` on the device with bf16 on synthetic
+  normal clips; its loss must fall and its scores must rank clips with an added tone above normal ones.
+
+Each part that fails is reported with its error and the check exits 1; the last line is one JSON object,
+also written to ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool's result folder).
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine (about 3 minutes on one GPU)
+    python benchmarks/gpu_check.py --device cpu --quick   # the same code paths on a CPU, in a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the checkout's raysd, without an install
+
+from raysd.data.features import FeatureSpec, LogMel  # noqa: E402
+from raysd.families import REGISTRY  # noqa: E402
+from raysd.families.base import create_family  # noqa: E402
+from raysd.families.clips import ClipSet, DataInfo  # noqa: E402
+from raysd.train import Trainer  # noqa: E402
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import torchaudio
+
+    env: dict[str, Any] = {"torch": torch.__version__, "torchaudio": torchaudio.__version__,
+                           "cuda_build": torch.version.cuda, "device": str(device), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def family_throughput(device: torch.device, quick: bool, families: str | None) -> dict[str, Any]:
+    """``benchmarks/families.py`` on ``device`` only; its last printed line is its JSON."""
+    spec = importlib.util.spec_from_file_location("raysd_bench_families", HERE / "families.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--device", device.type, "--threads", str(os.cpu_count() or 1)] + (["--families", families] if families else [])
+    if quick:
+        argv += ["--seconds", "0.2", "--repeats", "1", "--n-frames", "64", "--score-clips", "2",
+                 "--score-clips-cuda", "8", "--masked-clips", "1", "--masked-clips-cuda", "4", "--k-masks", "4"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = bench.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"benchmarks/families.py exited {rc}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def logmel_throughput(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Clips per second through ``LogMel`` on ``device`` and on the CPU (the reference), 10 s at 16 kHz."""
+    spec = FeatureSpec(clip_seconds=10.0)
+    n = 16 if quick else 256
+    wave = torch.randn(n, spec.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+
+    def rate(on: torch.device, batch: int) -> float:
+        module = LogMel(spec).to(on)
+        x = wave.to(on)
+        with torch.no_grad():
+            module(x[:batch])  # warm-up: kernels, FFT plans
+            sync(on)
+            best = float("inf")
+            for _ in range(1 if quick else 3):
+                t0 = time.perf_counter()
+                for lo in range(0, n, batch):
+                    module(x[lo:lo + batch])
+                sync(on)
+                best = min(best, time.perf_counter() - t0)
+        return n / best
+
+    out = {"clips": n, "clip_seconds": spec.clip_seconds, "n_mels": spec.n_mels,
+           "cpu_clips_per_s": round(rate(torch.device("cpu"), 16), 1)}
+    if device.type != "cpu":
+        out[f"{device.type}_clips_per_s"] = round(rate(device, 64), 1)
+        out["speedup_over_cpu"] = round(out[f"{device.type}_clips_per_s"] / out["cpu_clips_per_s"], 1)
+    out["reference"] = f"raysd LogMel (torchaudio) on {os.cpu_count()} CPU cores, batches of 16"
+    return out
+
+
+def synthetic_clips(n: int, n_mels: int, n_frames: int, tone: bool, seed: int) -> torch.Tensor:
+    """Log-mel-like clips: a smooth spectral slope with noise; ``tone`` adds a bright line at one mel band."""
+    g = torch.Generator().manual_seed(seed)
+    slope = torch.linspace(-20.0, -60.0, n_mels)[None, :, None]
+    x = slope + 3.0 * torch.randn(n, n_mels, n_frames, generator=g)
+    if tone:
+        x[:, n_mels // 3] += 25.0
+    return x
+
+
+def end_to_end_fit(device: torch.device, quick: bool) -> dict[str, Any]:
+    """``dense_ae`` trained by ``Trainer.fit`` on the device; normal clips must score below toned ones."""
+    from sklearn.metrics import roc_auc_score
+
+    n_mels, n_frames = 64, 64
+    family, hp = create_family("dense_ae", {"epochs": 3 if quick else 8, "batch_size": 256, "lr": 1e-3,
+                                            "amp": "auto" if device.type == "cuda" else "off"})
+    view = family.view()
+    train = ClipSet(synthetic_clips(48, n_mels, n_frames, False, 0).to(device), torch.zeros(48).to(device), view)
+    test_x = torch.cat([synthetic_clips(16, n_mels, n_frames, False, 1), synthetic_clips(16, n_mels, n_frames, True, 2)])
+    labels = torch.cat([torch.zeros(16), torch.ones(16)])
+    test = ClipSet(test_x.to(device), torch.zeros(32).to(device), view)
+    trainer = Trainer(family, hp, DataInfo(n_mels, n_frames, 1, ("00",)), device=device)
+    t0 = time.perf_counter()
+    stats = trainer.fit(train)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    scores = trainer.score(test)
+    auc = float(roc_auc_score(labels.numpy(), scores))
+    losses = [round(s.loss, 5) for s in stats]
+    result = {"family": "dense_ae", "amp_dtype": str(trainer.dtype), "epochs": len(stats), "losses": losses,
+              "fit_seconds": round(seconds, 2), "auc_tone_vs_normal": round(auc, 3)}
+    if not losses[-1] < losses[0]:
+        raise RuntimeError(f"loss did not fall: {losses}")
+    if not auc > 0.9:
+        raise RuntimeError(f"toned clips not ranked above normal ones: AUC {auc:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks the code paths, not the speed")
+    ap.add_argument("--families", help="comma-separated families to measure (default: every registered one)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (pass --device cpu to run the same code on the CPU)", file=sys.stderr)
+        return 1
+    device = torch.device(args.device)
+    result: dict[str, Any] = {"registered_families": sorted(REGISTRY)}
+    failed = []
+    for name, part in (("environment", lambda: environment(device)),
+                       ("features", lambda: logmel_throughput(device, args.quick)),
+                       ("fit", lambda: end_to_end_fit(device, args.quick)),
+                       ("families", lambda: family_throughput(device, args.quick, args.families))):
+        t0 = time.perf_counter()
+        try:
+            result[name] = part()
+        except Exception as e:  # one broken part must not hide the others' figures
+            failed.append(name)
+            result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+        print(f"gpu_check: {name} {'failed' if name in failed else 'done'} in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    result["failed"] = failed
+    text = json.dumps(result)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(text + "\n")
+    print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
