@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ import pandas as pd
 from raysd import artifacts
 from raysd.atomic import atomic_write_csv, atomic_write_text, replace_dir
 from raysd.ensemble import METRIC_KEYS, EnsembleError
-from raysd.log import setup_logging
+from raysd.log import module_logger, setup_logging
 from raysd.metrics import MetricError, write_submission
 from raysd.report.board import best_models, leaderboard_table
 from raysd.report.ensembles import (
@@ -61,7 +60,7 @@ from raysd.report.markdown import fmt, summary_markdown
 from raysd.report.plots import plot_ensemble_histogram, plot_roc
 from raysd.report.unlabelled import DEFAULT_TOP, AnomalyReport, unlabelled_reports
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__, __spec__)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.machinery import ModuleSpec
 from typing import Literal
 
 PREFIX = "[raysd] "
@@ -46,3 +47,10 @@ def setup_logging(level: int = logging.INFO, stream: Literal["stdout", "stderr"]
     logger.addHandler(handler)
     logger.setLevel(level)
     return logger
+
+
+def module_logger(name: str, spec: ModuleSpec | None) -> logging.Logger:
+    """A module's logger, under ``raysd`` also when the module runs as ``python -m raysd.x``: its ``__name__``
+    is then ``'__main__'``, outside the logger that :func:`setup_logging` configures. Call it as
+    ``module_logger(__name__, __spec__)``."""
+    return logging.getLogger(spec.name if spec is not None else name)

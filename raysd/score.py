@@ -32,7 +32,6 @@ needs no more memory than a short one. Exit status 0 when every file was scored,
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -53,10 +52,10 @@ from raysd.data.names import find_audio as find_audio_under
 from raysd.data.names import parse_name
 from raysd.ensemble import combine_matrix
 from raysd.inference import stream
-from raysd.log import setup_logging
+from raysd.log import module_logger, setup_logging
 from raysd.report.unlabelled import DEFAULT_TOP, PROJECTIONS, ReportError, write_report
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__, __spec__)
 
 SPLIT_FOLDERS = ("train", "test", "source_test", "target_test")
 OUTPUT_COLUMNS = ["file", "machine_type", "section", "score", "decision"]

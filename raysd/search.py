@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import shlex
 import signal
@@ -37,13 +36,13 @@ from raysd.data.catalog import Catalog
 from raysd.data.heldout import HeldoutConfig, assign
 from raysd.data.store import FeatureStore
 from raysd.families.hparams import make_config
-from raysd.log import setup_logging
+from raysd.log import module_logger, setup_logging
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
 from raysd.trial import StudyJob, ended_run, run_trial
 from raysd.tune_optuna import ResumableOptunaSearch
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__, __spec__)
 
 
 class SearchError(RuntimeError):

@@ -86,6 +86,15 @@ def test_dry_run_without_data_prints_what_the_preset_fixes(capsys) -> None:
     assert "--data-root" in err and "raysd.data.download" in err
 
 
+def test_cli_lines_reach_the_user_under_python_m(tmp_path: Path) -> None:
+    """Run as ``python -m raysd.search`` the module is ``__main__``: its log lines must still be raysd's."""
+    preset = _write(tmp_path, {**BASE, "name": "t"})
+    done = subprocess.run([sys.executable, "-m", "raysd.search", str(preset), "--dry-run", "--cache-dir",
+                           str(tmp_path / "cache")], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[raysd] no data root given: generating synthetic machine sounds" in done.stdout
+
+
 def test_resource_overrides_reach_every_study(tiny_root: Path, tmp_path: Path, capsys) -> None:
     args = ["dcase20", "--data-root", str(tiny_root), "--dry-run", "--cache-dir", str(tmp_path / "c"),
             "--machine-types", "fan", "--families", "dense_ae", "conv_ae"]
