@@ -35,6 +35,8 @@ from raysd.families.clips import DataInfo
 from raysd.train import Trainer
 
 EXPERIMENT_FILE = "experiment.json"
+STUDIES_FILE = "studies.json"  # each study's outcome, written by raysd.search at the end
+OPTUNA_DIR = "optuna"  # the studies' Optuna SQLite files
 TRIALS_DIR, STUDIES_DIR, TRAIN_DIR = "trials", "studies", "train"
 CHECKPOINT_PREFIX = "checkpoint_"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysd import leaderboard, storage
+from raysd import artifacts, leaderboard, storage
 from raysd.cluster import (
     BOOTSTRAP_CONFIG,
     DRIVER_CPU,
@@ -199,9 +199,9 @@ def optuna_storage_url(experiment: str, study: str, override: str | None) -> str
     if override:
         return override
     if storage.is_remote(experiment):
-        local = default_cache_dir() / "optuna" / experiment.split("://", 1)[1].replace("/", "_")
+        local = default_cache_dir() / artifacts.OPTUNA_DIR / experiment.split("://", 1)[1].replace("/", "_")
     else:
-        local = Path(experiment) / "optuna"
+        local = Path(experiment) / artifacts.OPTUNA_DIR
     local.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{local / (study + '.db')}"
 
@@ -252,7 +252,7 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
     # empty request, so it holds a token CPU share (see init_ray for the local case).
     trainable = tune.with_resources(study_trainable(job), {"cpu": DRIVER_CPU})
-    study_path = storage.join(job.experiment, "studies", job.study)
+    study_path = storage.join(job.experiment, artifacts.STUDIES_DIR, job.study)
     if resume and ray.tune.Tuner.can_restore(study_path):
         return ray.tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=False, restart_errored=False)
@@ -276,7 +276,7 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
         tune_config=ray.tune.TuneConfig(metric=preset.metric, mode=preset.mode, search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=max_concurrent),
-        run_config=ray.tune.RunConfig(name=job.study, storage_path=storage.join(job.experiment, "studies"),
+        run_config=ray.tune.RunConfig(name=job.study, storage_path=storage.join(job.experiment, artifacts.STUDIES_DIR),
                                       failure_config=ray.tune.FailureConfig(max_failures=0),
                                       callbacks=[trial_line_callback(job.study, preset.metric)], verbose=1),
     )
@@ -405,7 +405,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
         check_resources(plan.studies, present_nodes(), most)
     if not storage.is_remote(plan.experiment):
         Path(plan.experiment).mkdir(parents=True, exist_ok=True)
-    storage.write_json(storage.join(plan.experiment, "experiment.json"), {
+    storage.write_json(storage.join(plan.experiment, artifacts.EXPERIMENT_FILE), {
         "preset": preset.name, "preset_path": str(preset.path), "rule": preset.rule, "metric": preset.metric,
         "mode": preset.mode, "data_root": str(plan.data_root), "layout": plan.layout,
         "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -443,7 +443,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
                 failures.append((job.study, e))
                 log.error(f"study {job.study} crashed: {e}")
     log.info(f"{len(summaries)} studies finished in {time.time() - t0:.0f}s; experiment: {plan.experiment}")
-    storage.write_json(storage.join(plan.experiment, "studies.json"), summaries)
+    storage.write_json(storage.join(plan.experiment, artifacts.STUDIES_FILE), summaries)
     if not args.no_leaderboard:
         run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name))
     return 1 if failures else 0
@@ -455,7 +455,8 @@ def finished_summary(plan: Plan) -> str:
     epoch before the trial's driver writes one."""
     counts = []
     for job in plan.studies:
-        runs = {f.rsplit("/checkpoint_", 1)[0] for f in storage.list_files(job.train_storage) if "/checkpoint_" in f}
+        mark = f"/{artifacts.CHECKPOINT_PREFIX}"
+        runs = {f.rsplit(mark, 1)[0] for f in storage.list_files(job.train_storage) if mark in f}
         done = sum(ended_run(run) is not None for run in runs)
         counts.append(f"{job.study} {done}/{plan.num_samples[job.study]}")
     return "trials done per study: " + ", ".join(counts)
