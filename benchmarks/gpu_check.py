@@ -14,7 +14,7 @@ carry), so this drives ``raysd.train.Trainer`` directly. It measures, on the dev
 Each part that fails is reported with its error and the check exits 1; the last line is one JSON object,
 also written to ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool's result folder).
 
-    python benchmarks/gpu_check.py                 # on a CUDA machine (about 3 minutes on one GPU)
+    python benchmarks/gpu_check.py                 # on a CUDA machine (not yet timed on one)
     python benchmarks/gpu_check.py --device cpu --quick   # the same code paths on a CPU, in a minute
 """
 
