@@ -17,14 +17,30 @@ knocks. Test anomalies come in five kinds at three severities (``low``, ``medium
 - ``burst``: a broadband noise burst at -12 / -6 / 0 dB relative to the machine.
 
 Layouts: ``dcase2020`` (``<type>/{train,test}/{normal,anomaly}_id_XX_NNNNNNNN.wav``) and ``dcase2023``
-(2022+ naming: ``<type>/{train,test}/section_XX_{source,target}_{train,test}_{normal,anomaly}_NNNN_spd_S.wav``
-plus ``<type>/attributes_XX.csv``). In the 2023 layout the IDs become sections 00, 01, ...; the target
-domain runs at a shifted speed (10-20 %) with more background noise and has only a few training clips.
+(2022+ naming: ``<type>/{train,test}/section_XX_{source,target}_{train,test}_{normal,anomaly}_NNNN_spd_S_load_L_mic_M.wav``
+plus ``<type>/attributes_XX.csv`` with columns ``file_name,d1p,d1v,d2p,d2v,d3p,d3v``). In the 2023 layout the IDs
+become sections 00, 01, ...; the target domain runs at a shifted speed (10-20 %) with more background noise and
+has only a few training clips. Every 2023 clip has three attributes that change its sound:
+
+- ``spd``: running speed in percent, the domain speed times 0.96, 1.00 or 1.04 (source: 96 / 100 / 104,
+  target e.g. 109 / 114 / 119 after a +14 % domain shift);
+- ``load``: 2 boosts the machine's upper partials (above its log-spectral centroid, up to +6 dB from one
+  octave higher) before anomalies and noise are added; 1 leaves the machine as it is;
+- ``mic``: 2 colours the whole clip, background included, with a +6 dB microphone resonance around 3 kHz
+  (0.4 octave wide); 1 is flat.
+
+Each section has a fixed list of combinations per domain (see ``attribute_combos``): three in the source
+domain, each with its own spd level and (load, mic) pair, and one or two in the target domain (no more than
+it has training clips). Clips take them in turn by index in every (domain, split, label) group, so every
+combination has training clips; anomaly severities are spread so that each combination gets all three. The
+attributes change the sound less than high-severity anomalies do, but plain log-mel statistics tell the
+combinations apart.
 
 Every file's content depends only on (seed, relative path), via its own ``numpy.random.Generator``, so
 generation is deterministic and can run in parallel. ``synth_meta.csv`` (file, machine_type, section,
-domain, split, label, kind, severity; ``kind``/``severity`` are ``none`` for normal clips) and
-``synth_config.json`` (written last: the completion marker) are written to the root.
+domain, split, label, kind, severity, attributes; ``kind``/``severity`` are ``none`` for normal clips,
+``attributes`` is ``spd=S;load=L;mic=M`` in the 2023 layout and empty in the 2020 one) and ``synth_config.json``
+(written last: the completion marker) are written to the root.
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from raysd.atomic import atomic_write_text
-from raysd.data.synth_sounds import RENDER, SHIFT, IdParams, add_anomaly, background, rms, seeded_rng, unit
+from raysd.data.synth_sounds import RENDER, SHIFT, IdParams, add_anomaly, apply_load, apply_mic, background, rms, seeded_rng, unit
 
 MACHINE_TYPES = ("ToyCar", "ToyConveyor", "fan", "pump", "slider", "valve")
 DEV_IDS = {
@@ -54,6 +70,10 @@ KINDS = ("shift", "tone", "knock", "am", "burst")
 SEVERITIES = ("low", "medium", "high")
 LAYOUTS = ("dcase2020", "dcase2023")
 SAMPLE_RATE = 16000
+# dcase2023 attributes: running speed relative to the domain's, and the (load, mic) levels
+SPD_LEVELS = (0.96, 1.0, 1.04)
+LOAD_MIC = ((1, 1), (2, 1), (1, 2), (2, 2))
+TARGET_COMBOS = 2  # at most; never more than the section's target training clips
 
 # (train, test normal, test anomaly) per machine ID, approximately the DCASE 2020 development set.
 DCASE20_COUNTS: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -103,8 +123,11 @@ class ClipPlan:
     label: int
     kind: str
     severity: str
-    speed: float = 1.0  # domain speed (clip jitter and shift anomalies are applied on top)
+    speed: float = 1.0  # domain speed times the spd attribute (clip jitter and shift anomalies are applied on top)
     snr_db: tuple[float, float] = (3.0, 15.0)
+    load: int = 1
+    mic: int = 1
+    attributes: str = ""  # 'spd=S;load=L;mic=M' in the dcase2023 layout
 
 
 def render_clip(plan: ClipPlan, seed: int, seconds: float, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -117,9 +140,13 @@ def render_clip(plan: ClipPlan, seed: int, seconds: float, sr: int = SAMPLE_RATE
     if plan.kind == "shift":
         speed *= 1 + (1 if rng.random() < 0.5 else -1) * SHIFT[sev]
     x = unit(RENDER[plan.machine_type](p, rng, n, sr, speed))
+    if plan.load != 1:
+        x = unit(apply_load(x, sr, plan.load))
     if plan.label and plan.kind != "shift":
         x = add_anomaly(plan.kind, sev, x, rng, sr)
     x = x + 10 ** (-rng.uniform(*plan.snr_db) / 20) * background(rng, n, sr)
+    if plan.mic != 1:
+        x = apply_mic(x, sr, plan.mic)
     x = x * 10 ** (rng.uniform(-30, -22) / 20) / rms(x)
     peak = np.abs(x).max()
     if peak > 0.99:
@@ -135,41 +162,75 @@ def plan(preset: Preset, seed: int = 0, layout: str = "dcase2020") -> list[ClipP
     for mtype, ids in preset.counts.items():
         if mtype not in RENDER:
             raise ValueError(f"unknown machine type {mtype!r}; choose from {', '.join(MACHINE_TYPES)}")
-        for s_idx, (mid, (n_train, n_normal, n_anom)) in enumerate(ids.items()):
-            slot = IdParams(seed, mtype, mid).slot
-            anoms = [(KINDS[(i + slot) % len(KINDS)], SEVERITIES[i % len(SEVERITIES)]) for i in range(n_anom)]
+        for s_idx, (mid, counts) in enumerate(ids.items()):
             if layout == "dcase2020":
-                def name(split: str, label: int, i: int) -> str:
-                    return f"{mtype}/{split}/{'anomaly' if label else 'normal'}_id_{mid}_{i:08d}.wav"
+                out += _plan_id_2020(seed, mtype, mid, counts)
+            else:
+                out += _plan_section(seed, mtype, mid, f"{s_idx:02d}", counts, preset.target_train)
+    return out
 
-                common: dict[str, Any] = dict(machine_type=mtype, machine_id=mid, section=mid, domain="")
-                out += [ClipPlan(name("train", 0, i), split="train", label=0, kind="none", severity="none", **common)
-                        for i in range(n_train)]
-                out += [ClipPlan(name("test", 0, i), split="test", label=0, kind="none", severity="none", **common)
-                        for i in range(n_normal)]
-                out += [ClipPlan(name("test", 1, i), split="test", label=1, kind=k, severity=s, **common)
-                        for i, (k, s) in enumerate(anoms)]
-                continue
-            section = f"{s_idx:02d}"
-            p = IdParams(seed, mtype, mid)
-            shift = p.uniform("domain_shift", 0.10, 0.20) * (1 if p.uniform("domain_sign", 0, 1) < 0.5 else -1)
-            domains = {"source": (1.0, (3.0, 15.0)), "target": (1.0 + shift, (0.0, 10.0))}
-            n_target = min(preset.target_train, max(n_train - 1, 0))
-            groups = [
-                ("source", "train", 0, [("none", "none")] * (n_train - n_target)),
-                ("target", "train", 0, [("none", "none")] * n_target),
-                ("source", "test", 0, [("none", "none")] * ((n_normal + 1) // 2)),
-                ("target", "test", 0, [("none", "none")] * (n_normal // 2)),
-                ("source", "test", 1, anoms[0::2]),
-                ("target", "test", 1, anoms[1::2]),
-            ]
-            for domain, split, label, items in groups:
-                speed, snr = domains[domain]
-                attr = f"spd_{int(round(speed * 100))}"
-                for i, (k, s) in enumerate(items):
-                    f = (f"{mtype}/{split}/section_{section}_{domain}_{split}_{'anomaly' if label else 'normal'}"
-                         f"_{i:04d}_{attr}.wav")
-                    out.append(ClipPlan(f, mtype, mid, section, domain, split, label, k, s, speed, snr))
+
+def _plan_id_2020(seed: int, mtype: str, mid: str, counts: tuple[int, int, int]) -> list[ClipPlan]:
+    n_train, n_normal, n_anom = counts
+    slot = IdParams(seed, mtype, mid).slot
+    anoms = [(KINDS[(i + slot) % len(KINDS)], SEVERITIES[i % len(SEVERITIES)]) for i in range(n_anom)]
+
+    def name(split: str, label: int, i: int) -> str:
+        return f"{mtype}/{split}/{'anomaly' if label else 'normal'}_id_{mid}_{i:08d}.wav"
+
+    common: dict[str, Any] = dict(machine_type=mtype, machine_id=mid, section=mid, domain="")
+    return ([ClipPlan(name("train", 0, i), split="train", label=0, kind="none", severity="none", **common)
+             for i in range(n_train)]
+            + [ClipPlan(name("test", 0, i), split="test", label=0, kind="none", severity="none", **common)
+               for i in range(n_normal)]
+            + [ClipPlan(name("test", 1, i), split="test", label=1, kind=k, severity=s, **common)
+               for i, (k, s) in enumerate(anoms)])
+
+
+def attribute_combos(seed: int, mtype: str, mid: str, n_target: int) -> dict[str, list[tuple[float, int, int]]]:
+    """(speed, load, mic) combinations of a section per domain: three in the source domain, each with its own spd
+    level and (load, mic) pair, and ``min(TARGET_COMBOS, n_target)`` (at least one) in the target domain, whose
+    speeds are the target's shifted domain speed times an spd level."""
+    p = IdParams(seed, mtype, mid)
+    shift = p.uniform("domain_shift", 0.10, 0.20) * (1 if p.uniform("domain_sign", 0, 1) < 0.5 else -1)
+    r = seeded_rng(seed, mtype, mid, "attributes")
+    pairs = [LOAD_MIC[k] for k in r.permutation(len(LOAD_MIC))]
+    spds = [SPD_LEVELS[k] for k in r.permutation(len(SPD_LEVELS))]
+    n_t = max(1, min(TARGET_COMBOS, n_target))
+    return {"source": [(spds[i], *pairs[i]) for i in range(len(SPD_LEVELS))],
+            "target": [((1.0 + shift) * spds[i], *pairs[-1 - i]) for i in range(n_t)]}
+
+
+def _severity(i: int, n_combos: int) -> str:
+    """Severities cycle over a domain's anomalies, shifted by one every round of combinations when the two cycles
+    would run in step (a multiple of three combinations), so every combination gets every severity."""
+    k = len(SEVERITIES)
+    return SEVERITIES[(i + (i // n_combos if n_combos % k == 0 else 0)) % k]
+
+
+def _plan_section(seed: int, mtype: str, mid: str, section: str, counts: tuple[int, int, int],
+                  target_train: int) -> list[ClipPlan]:
+    n_train, n_normal, n_anom = counts
+    slot = IdParams(seed, mtype, mid).slot
+    n_target = min(target_train, max(n_train - 1, 0))
+    combos = attribute_combos(seed, mtype, mid, n_target)
+    snr = {"source": (3.0, 15.0), "target": (0.0, 10.0)}
+    groups = [("source", "train", 0, n_train - n_target), ("target", "train", 0, n_target),
+              ("source", "test", 0, (n_normal + 1) // 2), ("target", "test", 0, n_normal // 2),
+              ("source", "test", 1, (n_anom + 1) // 2), ("target", "test", 1, n_anom // 2)]
+    out = []
+    for domain, split, label, count in groups:
+        for i in range(count):
+            speed, load, mic = combos[domain][i % len(combos[domain])]
+            attrs = f"spd={int(round(speed * 100))};load={load};mic={mic}"
+            kind, sev = "none", "none"
+            if label:
+                kind = KINDS[(2 * i + (domain == "target") + slot) % len(KINDS)]
+                sev = _severity(i, len(combos[domain]))
+            f = (f"{mtype}/{split}/section_{section}_{domain}_{split}_{'anomaly' if label else 'normal'}_{i:04d}_"
+                 f"{attrs.replace('=', '_').replace(';', '_')}.wav")
+            out.append(ClipPlan(f, mtype, mid, section, domain, split, label, kind, sev, speed, snr[domain],
+                                load, mic, attrs))
     return out
 
 
@@ -184,8 +245,8 @@ def _write_one(args: tuple[str, ClipPlan, int, float, int]) -> None:
 
 
 def _meta_csv(plans: list[ClipPlan]) -> str:
-    lines = ["file,machine_type,section,domain,split,label,kind,severity"]
-    lines += [f"{c.file},{c.machine_type},{c.section},{c.domain},{c.split},{c.label},{c.kind},{c.severity}"
+    lines = ["file,machine_type,section,domain,split,label,kind,severity,attributes"]
+    lines += [f"{c.file},{c.machine_type},{c.section},{c.domain},{c.split},{c.label},{c.kind},{c.severity},{c.attributes}"
               for c in plans]
     return "\n".join(lines) + "\n"
 
@@ -194,8 +255,8 @@ def _attribute_csvs(plans: list[ClipPlan]) -> dict[str, str]:
     out: dict[str, list[str]] = {}
     for c in plans:
         key = f"{c.machine_type}/attributes_{c.section}.csv"
-        spd = c.file.rsplit("_spd_", 1)[1].removesuffix(".wav")
-        out.setdefault(key, ["file_name,d1p,d1v"]).append(f"{c.file},spd,{spd}")
+        row = ",".join(v for item in c.attributes.split(";") for v in item.split("="))
+        out.setdefault(key, ["file_name,d1p,d1v,d2p,d2v,d3p,d3v"]).append(f"{c.file},{row}")
     return {k: "\n".join(v) + "\n" for k, v in out.items()}
 
 
@@ -231,6 +292,8 @@ def generate(out_dir: str | os.PathLike, preset: str | Preset = "tiny", seed: in
     config = {"preset": p.name, "seed": int(seed), "layout": layout, "seconds": p.seconds,
               "sample_rate": p.sample_rate, "target_train": p.target_train,
               "counts": {t: {i: list(c) for i, c in ids.items()} for t, ids in p.counts.items()}}
+    if layout == "dcase2023":  # sets written before the attributes lack this key and count as different
+        config["attributes"] = ["spd", "load", "mic"]
     marker = root / "synth_config.json"
     if marker.exists() and not overwrite:
         try:
@@ -274,8 +337,11 @@ def read_meta(root: str | os.PathLike):
     """``synth_meta.csv`` as a pandas DataFrame (sections kept as two-digit strings)."""
     import pandas as pd
 
-    return pd.read_csv(Path(root) / "synth_meta.csv", dtype={"section": str, "domain": str},
+    meta = pd.read_csv(Path(root) / "synth_meta.csv", dtype={"section": str, "domain": str, "attributes": str},
                        keep_default_na=False).astype({"label": int})
+    if "attributes" not in meta:  # written before the dcase2023 layout had attributes
+        meta["attributes"] = ""
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:

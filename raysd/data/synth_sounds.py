@@ -1,6 +1,6 @@
 """The sounds of the synthetic machines (see ``raysd.data.synth``): per-ID parameters, signal pieces, the six
-machine types, the five anomaly kinds and the background. Every function draws from the generator it is
-given, so a clip depends only on its seed."""
+machine types, the five anomaly kinds, the background, and the load and microphone attributes. Every function
+draws from the generator it is given (the attribute filters draw nothing), so a clip depends only on its seed."""
 
 from __future__ import annotations
 
@@ -286,3 +286,41 @@ def background(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         kernel = _resonance(sr, [rng.uniform(150, 1500)], rng.uniform(0.01, 0.05))
         x = x + rng.uniform(0.5, 2.0) * _events(n, sr, times, rng.uniform(0.5, 1.0, times.shape), kernel)
     return unit(x)
+
+
+# ---- attributes (dcase2023 layout): level 1 leaves the sound unchanged --------------------------------
+
+LOAD_DB = {1: 0.0, 2: 6.0}  # boost of the partials above the machine's log-spectral centroid, full from one octave up
+MIC_DB = {1: 0.0, 2: 6.0}  # the microphone's resonance peak at MIC_HZ, a log-Gaussian MIC_OCTAVES wide (std)
+MIC_HZ, MIC_OCTAVES = 3000.0, 0.4
+
+
+def _filter(x: np.ndarray, sr: int, gain_db: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``x`` through a zero-phase filter: ``gain_db(log frequency, power spectrum of x)`` at the rfft bins."""
+    import scipy.fft
+
+    lf, _ = _log_freqs(len(x), sr)
+    spec = scipy.fft.rfft(x)
+    return scipy.fft.irfft(spec * 10 ** (gain_db(lf, np.abs(spec) ** 2) / 20), len(x))
+
+
+def apply_load(x: np.ndarray, sr: int, load: int) -> np.ndarray:
+    """The machine signal ``x`` under ``load``: its upper partials stronger, relative to its own spectrum."""
+    db = LOAD_DB[load]
+    if db == 0:
+        return x
+
+    def gain(lf: np.ndarray, power: np.ndarray) -> np.ndarray:
+        centroid = float((power * lf).sum() / (power.sum() + 1e-12))
+        return db * np.clip((lf - centroid) / np.log(2), 0.0, 1.0)
+
+    return _filter(x, sr, gain)
+
+
+def apply_mic(x: np.ndarray, sr: int, mic: int) -> np.ndarray:
+    """The clip ``x`` (machine and background) as recorded by microphone ``mic``."""
+    db = MIC_DB[mic]
+    if db == 0:
+        return x
+    width = MIC_OCTAVES * np.log(2)
+    return _filter(x, sr, lambda lf, _: db * np.exp(-0.5 * ((lf - np.log(MIC_HZ)) / width) ** 2))
