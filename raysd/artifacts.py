@@ -76,9 +76,11 @@ class TrialRecord:
 
     study: str = ""
     family: str = ""
-    machine_type: str = ""
+    machine_type: str = ""  # the machine type, or 'all' for a study over several
     trial_id: str = ""
     params: dict = field(default_factory=dict)
+    machine_types: list[str] | None = None  # the types a study over several covers
+    scope: str | None = None  # the family's scope when not 'machine_type'
     workers: int | None = None
     gpus: float | None = None
     status: str = "finished"  # 'finished' or 'failed' (the leaderboard adds 'stopped early', 'unfinished')
@@ -116,6 +118,7 @@ class CheckpointInfo:
     epoch: int | None = None
     layout: str | None = None
     final_metrics: dict | None = None  # the last report, in the last checkpoint only
+    parts: dict | None = None  # a first-shot trial's models: machine type -> its data info (``info`` is then {})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -176,9 +179,11 @@ def thresholds(train: pd.DataFrame, quantile: float) -> dict[tuple[str, str], fl
 
 
 def member_entry(name: str, family: str, checkpoint: str, params: dict, stats: pd.DataFrame, weight: int = 1,
-                 info: dict | None = None, study: str | None = None, trial_id: str | None = None) -> dict:
+                 info: dict | None = None, study: str | None = None, trial_id: str | None = None,
+                 machine_type: str | None = None) -> dict:
     """What ``raysd.score`` needs to rebuild and standardise one member. ``info`` is the checkpoint's
-    ``trial.json`` (read from ``checkpoint`` when not given; without it the entry lacks the feature spec)."""
+    ``trial.json`` (read from ``checkpoint`` when not given; without it the entry lacks the feature spec). A
+    first-shot trial holds one model per machine type: ``machine_type`` picks the member's (its ``part``)."""
     if info is None:
         try:
             info = read_checkpoint_info(checkpoint)
@@ -196,10 +201,16 @@ def member_entry(name: str, family: str, checkpoint: str, params: dict, stats: p
         "name": name, "study": study, "trial_id": trial_id, "family": family, "weight": int(weight),
         "checkpoint": checkpoint, "state": storage.join(checkpoint, STATE_FILE), "params": params, "config": config,
         "spec": info.get("spec"), "info": info.get("info"), "epoch": info.get("epoch"),
+        "part": machine_type if info.get("parts") else None,
         "stats": {str(r.section): {"mean": float(r.mean), "std": float(r.std), "n": int(r.n)}
                   for r in stats.itertuples(index=False)},
     }
-    return {k: v for k, v in entry.items() if v is not None or k not in ("study", "trial_id")}
+    if entry["part"] is not None:
+        if machine_type not in info["parts"]:
+            raise ArtifactError(f"member {name}: its checkpoint {checkpoint} holds models of "
+                                f"{', '.join(info['parts'])}, not of {machine_type!r}")
+        entry["info"] = info["parts"][machine_type]
+    return {k: v for k, v in entry.items() if v is not None or k not in ("study", "trial_id", "part")}
 
 
 def type_entry(ensemble: str, kind: str, combine: str, members: list[dict], threshold: dict[str, float],
@@ -330,6 +341,11 @@ def load_member(entry: dict, device: torch.device, ensemble_path: str) -> Member
     info["class_names"] = tuple(info.get("class_names") or ())
     state_uri = _resolve(entry.get("state") or storage.join(entry["checkpoint"], STATE_FILE), ensemble_path)
     state = load_state(state_uri, device, f"member {name}")
+    if entry.get("part"):
+        try:
+            state = state["parts"][entry["part"]]
+        except KeyError:
+            raise ArtifactError(f"member {name}: {state_uri} holds no model of {entry['part']!r}") from None
     trainer = Trainer(family, hp, DataInfo(**info), device)
     try:
         trainer.model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)

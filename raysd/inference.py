@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from raysd.data.features import FeatureSpec, extract
+from raysd.data.study import encode
 from raysd.families.clips import ClipSet
 from raysd.train import Trainer
 
@@ -42,17 +43,18 @@ def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: tor
     ``workers + 1`` batches are in flight, see ``extract``). Clips that cannot be decoded are appended to
     ``failed`` and skipped. Embeddings are None for a family without a bottleneck."""
     device = torch.device(device)
-    code = {c: i for i, c in enumerate(trainer.info.class_names)}
     view = trainer.family.view()
-    sections = table["section"].astype(str).to_numpy() if "section" in table.columns else None
+    if "section" in table.columns:
+        labels, sections, domains = encode(table.reset_index(drop=True), trainer.info)
+    else:
+        labels = sections = domains = torch.zeros(len(table), dtype=torch.long)
     for rows, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
         if not rows:
             continue
-        ok = np.asarray(rows)
-        labels = torch.tensor([code.get(s, -1) for s in sections[ok]] if sections is not None else [0] * len(ok),
-                              dtype=torch.long)
-        clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels.to(device), view)
-        yield ok, (trainer.score(clips) if score else None), (clip_embeddings(trainer, clips) if embed else None)
+        ok = torch.from_numpy(np.asarray(rows))
+        clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels[ok], view, sections[ok],
+                        domains[ok])
+        yield ok.numpy(), (trainer.score(clips) if score else None), (clip_embeddings(trainer, clips) if embed else None)
 
 
 def embed_table(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: torch.device | str = "cpu",

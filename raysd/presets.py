@@ -61,6 +61,8 @@ class FamilySearch:
     space: dict[str, Any]  # key -> fixed value or {distribution: args}
     num_samples: int
     epochs: int
+    scope: str = "machine_type"  # the family's scope under this space (fixed: never searched)
+    entry: str = ""  # its name under 'families:' (the family's name unless the entry says 'family: NAME')
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Preset:
     families: dict[str, FamilySearch]
     machine_types: list[str] | None = None
     heldout: dict[str, Any] = field(default_factory=dict)
+    first_shot: bool = False  # one configuration per family over every machine type (DCASE 2023-24: no per-type tuning)
 
     def data_root(self, override: str | os.PathLike | None = None) -> Path | None:
         if override:
@@ -89,8 +92,8 @@ class Preset:
         root = self.dataset.get("root")
         return Path(root).expanduser() if root else None
 
-    def crops(self, family: str) -> list[str]:
-        v = self.families[family].space.get("crop", "default")
+    def crops(self, entry: str) -> list[str]:
+        v = self.families[entry].space.get("crop", "default")
         return list(v["choice"]) if isinstance(v, dict) else [v]
 
 
@@ -98,23 +101,40 @@ def _err(path: Path, key: str, msg: str) -> PresetError:
     return PresetError(f"{path}: key '{key}': {msg}")
 
 
-def _check_value(path: Path, key: str, value: Any, allowed: dict, family_cls) -> None:
-    """Check one candidate value by building the config that would hold it."""
+def _check_value(path: Path, key: str, value: Any, allowed: dict, family_cls, context: dict | None = None) -> None:
+    """Check one candidate value by building the config that would hold it, beside ``context`` (a value of each
+    other key of the family's space)."""
     where = f"{path}: family '{family_cls.name}'"
     if key in config_fields(TrainHP):
         make_config(TrainHP, {key: value}, where)
     else:
-        make_config(family_cls.Config, {key: value}, where)
+        make_config(family_cls.Config, {**(context or {}), key: value}, where)
     if key == "crop" and value != "default" and value not in CROP_VARIANTS:
         raise _err(path, key, f"unknown crop variant {value!r}; allowed: default, {', '.join(CROP_VARIANTS)}")
 
 
-def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None:
+def _example(entry: Any) -> Any:
+    """One value a search-space entry can take (the first choice, the low end of a range)."""
+    if not isinstance(entry, dict):
+        return entry
+    (dist, args), = entry.items()
+    return args[0] if dist != "loguniform" and dist != "uniform" else float(args[0])
+
+
+def _context(space: dict[str, Any], family_cls, key: str) -> dict[str, Any]:
+    fields = config_fields(family_cls.Config)
+    return {k: _example(v) for k, v in space.items() if k != key and k in fields}
+
+
+def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls, context: dict | None = None) -> None:
     allowed = {**config_fields(TrainHP), **config_fields(family_cls.Config)}
     if key not in allowed:
         raise _err(path, f"families.{fam}.space.{key}",
                    f"unknown hyperparameter; allowed for '{fam}': {sorted(allowed)}")
     full = f"families.{fam}.space.{key}"
+    if key == "scope" and isinstance(entry, dict):
+        raise _err(path, full, "the scope decides how many studies there are, so it cannot be searched: fix it "
+                               "(machine_type or dataset) and put each scope in a preset of its own")
     if isinstance(entry, dict):
         if len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
             raise _err(path, full, f"a distribution must be one of {list(DISTRIBUTIONS)} with its arguments, got {entry!r}")
@@ -123,7 +143,7 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None
             if not isinstance(args, list) or not args:
                 raise _err(path, full, "choice needs a non-empty list")
             for v in args:
-                _check_value(path, key, v, allowed, family_cls)
+                _check_value(path, key, v, allowed, family_cls, context)
             return
         try:
             lo, hi = (float(a) for a in args) if isinstance(args, list) and len(args) == 2 else (None, None)
@@ -135,11 +155,11 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls) -> None
             raise _err(path, full, f"{dist} needs low < high, got [{lo}, {hi}]")
         if dist == "loguniform" and lo <= 0:
             raise _err(path, full, f"loguniform needs low > 0, got {lo}")
-        _check_value(path, key, lo if dist != "randint" else int(lo), allowed, family_cls)
-        _check_value(path, key, hi if dist != "randint" else int(hi) - 1, allowed, family_cls)
+        _check_value(path, key, lo if dist != "randint" else int(lo), allowed, family_cls, context)
+        _check_value(path, key, hi if dist != "randint" else int(hi) - 1, allowed, family_cls, context)
         return
     try:
-        _check_value(path, key, entry, allowed, family_cls)
+        _check_value(path, key, entry, allowed, family_cls, context)
     except ValueError as e:
         raise _err(path, full, str(e)) from None
 
@@ -158,8 +178,9 @@ def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) ->
         raise _err(path, key, str(e)) from None
 
 
+FAMILY_KEYS = ("family", "space", "num_samples", "epochs")
 TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
-            "max_failures", "families", "machine_types", "heldout", "rule"}
+            "max_failures", "families", "machine_types", "heldout", "rule", "first_shot"}
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -215,18 +236,21 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         raise _err(path, "families", "must map at least one family name to its search settings")
     families: dict[str, FamilySearch] = {}
     for fam, body in fams_raw.items():
-        try:
-            family_cls = get_family(fam)
-        except KeyError as e:
-            raise _err(path, f"families.{fam}", str(e.args[0])) from None
         body = body or {}
-        extra = sorted(set(body) - {"space", "num_samples", "epochs"})
+        if not isinstance(body, dict):
+            raise _err(path, f"families.{fam}", f"must be a mapping of {', '.join(FAMILY_KEYS)}, got {body!r}")
+        family_name = str(body.get("family", fam))
+        try:
+            family_cls = get_family(family_name)
+        except KeyError as e:
+            raise _err(path, f"families.{fam}" + (".family" if "family" in body else ""), str(e.args[0])) from None
+        extra = sorted(set(body) - set(FAMILY_KEYS))
         if extra:
-            raise _err(path, f"families.{fam}.{extra[0]}", "unknown key; allowed: space, num_samples, epochs")
+            raise _err(path, f"families.{fam}.{extra[0]}", f"unknown key; allowed: {', '.join(FAMILY_KEYS)}")
         space = body.get("space") or {}
         for key, entry in space.items():
             try:
-                _check_entry(path, fam, key, entry, family_cls)
+                _check_entry(path, fam, key, entry, family_cls, _context(space, family_cls, key))
             except PresetError:
                 raise
             except ValueError as e:
@@ -236,7 +260,8 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         for k, v in (("num_samples", num_samples), ("epochs", epochs)):
             if not isinstance(v, int) or v < 1:
                 raise _err(path, f"families.{fam}.{k}", f"must be a positive integer, got {v!r}")
-        families[fam] = FamilySearch(fam, dict(space), num_samples, epochs)
+        scope = family_cls(family_cls.Config(**_context(space, family_cls, ""))).scope()
+        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam)
 
     machine_types = raw.get("machine_types")
     if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
@@ -247,6 +272,9 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
             make_config(HeldoutConfig, heldout, f"{path}: heldout")
         except ValueError as e:
             raise PresetError(str(e)) from None
+    first_shot = raw.get("first_shot", False)
+    if not isinstance(first_shot, bool):
+        raise _err(path, "first_shot", f"must be true or false, got {first_shot!r}")
     max_failures = raw.get("max_failures", 2)
     if not isinstance(max_failures, int) or max_failures < 0:
         raise _err(path, "max_failures", f"must be an integer >= 0, got {max_failures!r}")
@@ -254,7 +282,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         name=str(raw.get("name", path.stem)), path=path, dataset=dataset, features=spec, rule=rule,
         metric=metric, mode=METRICS[metric], seed=int(raw.get("seed", 0)), scheduler=scheduler,
         resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
-        heldout=heldout,
+        heldout=heldout, first_shot=first_shot,
     )
 
 

@@ -35,11 +35,12 @@ from raysd.data import synth
 from raysd.data.catalog import Catalog
 from raysd.data.heldout import HeldoutConfig, assign
 from raysd.data.store import FeatureStore
+from raysd.data.study import ALL_TYPES
 from raysd.families.hparams import make_config
 from raysd.log import module_logger, setup_logging
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
-from raysd.trial import StudyJob, ended_run, run_trial
+from raysd.trial import FIRST_SHOT, StudyJob, ended_run, run_trial
 from raysd.tune_optuna import ResumableOptunaSearch
 
 log = module_logger(__name__, __spec__)
@@ -111,17 +112,31 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     experiment = experiment_path(preset, args)
     res = resources(preset, args)
     studies, num_samples = [], {}
-    for mt in wanted:
-        for fam in families:
-            name = f"{mt.replace('/', '-')}__{fam}"
-            studies.append(StudyJob(
-                study=name, family=fam, machine_type=mt, catalog=catalog.table, data_root=str(root),
-                layout=catalog.layout, spec=preset.features.to_dict(), rule=preset.rule, metric=preset.metric,
-                cache_dir=str(cache_dir), experiment=experiment, workers=res.workers,
-                use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
-                max_failures=preset.max_failures, study_table=study_table))
-            num_samples[name] = args.num_samples or preset.families[fam].num_samples
+    for fam, mt, types, scope in study_units(preset, families, wanted):
+        name = f"{mt.replace('/', '-')}__{fam}"
+        studies.append(StudyJob(
+            study=name, family=preset.families[fam].family, entry=fam, machine_type=mt, catalog=catalog.table, data_root=str(root),
+            layout=catalog.layout, spec=preset.features.to_dict(), rule=preset.rule, metric=preset.metric,
+            cache_dir=str(cache_dir), experiment=experiment, workers=res.workers,
+            use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
+            max_failures=preset.max_failures, study_table=study_table, machine_types=types, scope=scope))
+        num_samples[name] = args.num_samples or preset.families[fam].num_samples
     return Plan(preset, experiment, root, catalog.layout, catalog, studies, num_samples)
+
+
+def study_scope(preset: Preset, entry: str) -> str:
+    """How a preset entry's studies are cut: the family's own scope, or first-shot for a per-type family in a
+    first-shot preset."""
+    scope = preset.families[entry].scope
+    return FIRST_SHOT if preset.first_shot and scope == "machine_type" else scope
+
+
+def study_units(preset: Preset, entries: list[str], types: list[str]) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(entry, machine_type, the machine types of a study over several, scope) of every study: one per machine
+    type and entry, or one per entry over every type."""
+    units = [(e, mt, (), "machine_type") for mt in types for e in entries if study_scope(preset, e) == "machine_type"]
+    return units + [(e, ALL_TYPES, tuple(types), study_scope(preset, e)) for e in entries
+                    if study_scope(preset, e) != "machine_type"]
 
 
 def experiment_path(preset: Preset, args: argparse.Namespace) -> str:
@@ -153,9 +168,10 @@ def print_plan(plan: Plan, epochs: dict[str, int], res: Resources) -> None:
     print(f"preset {plan.preset.name} ({plan.preset.path}); data {plan.data_root} [{plan.layout}], "
           f"{len(plan.catalog.table)} clips; experiment {plan.experiment}")
     print(f"metric {plan.preset.metric} ({plan.preset.mode}), rule {plan.preset.rule}, scheduler {plan.preset.scheduler.type}")
-    print(f"{'study':40s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    print(f"{'study':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for s in plan.studies:
-        print(f"{s.study:40s} {plan.num_samples[s.study]:6d} {epochs[s.family]:6d}  {per_trial_text(res)}")
+        print(f"{s.study:40s} {s.scope:12s} {plan.num_samples[s.study]:6d} {epochs[s.search_entry]:6d}  {per_trial_text(res)}"
+              + (f"  (machine types: {', '.join(s.machine_types)})" if s.machine_types else ""))
     print(f"total: {len(plan.studies)} studies, {plan.trials_total()} trials")
 
 
@@ -164,20 +180,19 @@ def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: di
     families = args.families or list(preset.families)
     types = args.machine_types or preset.machine_types
     print(f"preset {preset.name} ({preset.path}); no data root: the machine types come from the data "
-          + (f"(only {', '.join(types)})" if types else "(every type found there)") + "; one study per machine type and family")
+          + (f"(only {', '.join(types)})" if types else "(every type found there)")
+          + "; one study per machine type and family, or per family for scope dataset")
     print(f"metric {preset.metric} ({preset.mode}), rule {preset.rule}, scheduler {preset.scheduler.type}; "
           f"experiment {experiment_path(preset, args)}")
-    print(f"{'family':40s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    print(f"{'family':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for fam in families:
         trials = args.num_samples or preset.families[fam].num_samples
-        print(f"{fam:40s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
-    print(f"total per machine type: {len(families)} studies, "
-          f"{sum(args.num_samples or preset.families[f].num_samples for f in families)} trials")
+        print(f"{fam:40s} {study_scope(preset, fam):12s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
 
 
 def feature_specs(plan: Plan) -> list:
     specs = []
-    for fam in {s.family for s in plan.studies}:
+    for fam in {s.search_entry for s in plan.studies}:
         for crop in plan.preset.crops(fam):
             spec = plan.preset.features.with_crop(crop)
             if spec not in specs:
@@ -256,7 +271,7 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     if resume and ray.tune.Tuner.can_restore(study_path):
         return ray.tune.Tuner.restore(study_path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=False, restart_errored=False)
-    search = preset.families[job.family]
+    search = preset.families[job.search_entry]
     space = tune_space(search)
     space["epochs"] = epochs
     searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration
@@ -408,7 +423,9 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     storage.write_json(storage.join(plan.experiment, artifacts.EXPERIMENT_FILE), {
         "preset": preset.name, "preset_path": str(preset.path), "rule": preset.rule, "metric": preset.metric,
         "mode": preset.mode, "data_root": str(plan.data_root), "layout": plan.layout,
-        "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        "studies": [s.study for s in plan.studies], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "study_types": {s.study: list(s.machine_types) for s in plan.studies if s.machine_types},
+        "study_scopes": {s.study: s.scope for s in plan.studies if s.scope != "machine_type"}})
     warm_cache(plan)
 
     most_total = total_resources(most) if most is not None else None
@@ -427,7 +444,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     while pending or running:
         while pending and len(running) < concurrency:
             job = pending.pop(0)
-            ref = remote.remote(job, preset, plan.num_samples[job.study], epochs[job.family], per_study, seed,
+            ref = remote.remote(job, preset, plan.num_samples[job.study], epochs[job.search_entry], per_study, seed,
                                 args.optuna_storage, args.resume)
             running[ref] = job
         done, _ = ray.wait(list(running), num_returns=1)

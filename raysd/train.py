@@ -213,9 +213,9 @@ class Trainer:
         """One anomaly score per clip of ``data`` (float64 numpy), batched over clips."""
         self.model.eval()
         out = []
-        for _, windows, labels in data.clip_batches(clips_per_batch):
+        for idx, windows, labels in data.clip_batches(clips_per_batch):
             with self.autocast():
-                s = self.family.score(self.model, windows, labels)
+                s = self.family.score(self.model, windows, labels, data.sections[idx])
             out.append(s.float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 

@@ -35,6 +35,7 @@ from raysd.metrics import evaluate, split_half
 from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
 TRAIN_POLL_S = "0.5"
+FIRST_SHOT = "first_shot"  # the scope of a study that trains one model per machine type with one configuration
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
 
@@ -49,7 +50,7 @@ class StudyJob:
 
     study: str
     family: str
-    machine_type: str
+    machine_type: str  # the one machine type, or 'all' (raysd.data.study.ALL_TYPES) for a study over several
     catalog: pd.DataFrame
     data_root: str
     layout: str
@@ -64,6 +65,17 @@ class StudyJob:
     gpus_per_worker: float = 0.0
     max_failures: int = 2
     study_table: pd.DataFrame | None = None  # catalog rows with held-out / test splits assigned (unlabelled data)
+    machine_types: tuple[str, ...] = ()  # the types of a study over several (empty: just machine_type)
+    scope: str = "machine_type"  # the family's scope
+    entry: str = ""  # the preset's entry under 'families:' that the study searches (default: the family's name)
+
+    @property
+    def search_entry(self) -> str:
+        return self.entry or self.family
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return self.machine_types or (self.machine_type,)
 
     @property
     def train_storage(self) -> str:
@@ -181,14 +193,18 @@ class WorkerData:
     sel_rows: pd.DataFrame
 
 
-def worker_data(job: StudyJob, hp_crop: str, view: View, device: torch.device, rank: int, world: int) -> WorkerData:
-    """Open the feature cache and lay out the study's clips for one worker."""
+def worker_data(job: StudyJob, types: tuple[str, ...], hp_crop: str, view: View, device: torch.device, rank: int,
+                world: int, labelling: str = "section") -> WorkerData:
+    """Open the feature cache and lay out the clips of ``types`` (one model's data) for one worker."""
     spec = FeatureSpec.from_dict(job.spec).with_crop(hp_crop)
     catalog = Catalog(job.catalog, job.data_root, job.layout)
     store = FeatureStore.open(catalog, spec, job.cache_dir)
     if job.study_table is not None:
         catalog = Catalog(job.study_table, job.data_root, job.layout)
-    study = load_study(catalog, store, job.machine_type)
+    study = load_study(catalog, store, types, labelling)
+    if rank == 0:
+        part = f" ({types[0]})" if len(types) == 1 and job.scope == FIRST_SHOT else ""
+        print(f"{job.study}{part}: {study.class_summary()}", flush=True)  # worker stdout reaches the driver's
     train_full = study.train_set(view).to(device)
     shard_idx = shard_indices(len(train_full), rank, world)
     test = study.test_set(view)
@@ -201,70 +217,106 @@ def worker_data(job: StudyJob, hp_crop: str, view: View, device: torch.device, r
                       test.subset(sel_idx).to(device), test_rows.iloc[sel_idx.numpy()])
 
 
-class TrialReport(Hook):
-    """A trial's epoch end on every worker: agree on failures across ranks, refit the family's post-training
-    state on the clips no rank pruned, score the selection half, and report the metrics with a checkpoint
-    (the last one with the per-clip score tables, written by rank 0 through :mod:`raysd.artifacts`)."""
+@dataclass
+class Part:
+    """One model of a trial with its data. A first-shot trial has one per machine type, trained in step with the
+    same hyperparameters; any other trial has one."""
 
-    def __init__(self, job: StudyJob, params: dict, data: WorkerData, rank: int, world: int, nodes: list[str]):
-        self.job, self.params, self.data = job, params, data
-        self.rank, self.world, self.nodes = rank, world, nodes
-        self.t_start = time.perf_counter()
+    name: str  # the machine type (or the study's machine_type)
+    trainer: Trainer
+    data: WorkerData
+
+
+class AgreeAcrossRanks(Hook):
+    def __init__(self, world: int):
+        self.world = world
 
     def agree(self, trainer: Trainer, failure: str | None) -> str | None:
         return next((f for f in _gather(failure, self.world) if f), None)  # every rank stops together
 
-    def kept_full(self, trainer: Trainer) -> ClipSet:
+
+class TrialReport:
+    """A trial's epoch end on every worker: refit each model's post-training state on the clips no rank pruned,
+    score the selection half of every model's clips, and report the metrics over all of them with a checkpoint
+    (the last one with the per-clip score tables, written by rank 0 through :mod:`raysd.artifacts`)."""
+
+    def __init__(self, job: StudyJob, params: dict, parts: list[Part], rank: int, world: int, nodes: list[str]):
+        self.job, self.params, self.parts = job, params, parts
+        self.rank, self.world, self.nodes = rank, world, nodes
+        self.t_start = time.perf_counter()
+
+    def kept_full(self, part: Part) -> ClipSet:
         """Training clips of every rank that pruning has not dropped (identical on every rank)."""
         dropped = set()
-        for part in _gather([int(self.data.shard_idx[i]) for _, i, _ in trainer.pruned], self.world):
-            dropped.update(part)
+        for ranks_part in _gather([int(part.data.shard_idx[i]) for _, i, _ in part.trainer.pruned], self.world):
+            dropped.update(ranks_part)
         if not dropped:
-            return self.data.train_full
-        keep = torch.tensor([i for i in range(len(self.data.train_full)) if i not in dropped])
-        return self.data.train_full.subset(keep)
+            return part.data.train_full
+        keep = torch.tensor([i for i in range(len(part.data.train_full)) if i not in dropped])
+        return part.data.train_full.subset(keep)
 
-    def epoch_end(self, trainer: Trainer, stats: EpochStats, data: ClipSet) -> None:
+    def tables(self, part: Part) -> dict[str, pd.DataFrame | None]:
+        """The per-clip score tables of one model at the last epoch (rank 0; the other ranks get {})."""
+        d, trainer, rank, world = part.data, part.trainer, self.rank, self.world
+        pruned_all = [row for p in _gather([(e, int(d.shard_idx[i]), v) for e, i, v in trainer.pruned], world)
+                      for row in p]
+        test_scores = distributed_scores(trainer, d.test.to(trainer.device), rank, world)
+        train_scores = distributed_scores(trainer, d.train_full, rank, world)
+        if rank != 0:
+            return {}
+        return {"test": score_table(d.test_rows, test_scores), "train": score_table(d.study.train_table, train_scores),
+                "heldout": score_table(d.study.heldout_table, distributed_scores(trainer, d.heldout, 0, 1))
+                if d.heldout is not None else None,
+                "pruned": pruned_table(d.study.train_table, pruned_all) if pruned_all else None}
+
+    def epoch_end(self, stats: list[EpochStats]) -> None:
         import ray.train
 
-        d, rank, world = self.data, self.rank, self.world
-        trainer.after_training(self.kept_full(trainer))
-        last = trainer.epoch >= trainer.hp.epochs
-        sel_scores = distributed_scores(trainer, d.sel_set, rank, world)
-        metrics: dict[str, Any] = {"epoch": trainer.epoch, "train_loss": stats.loss, "nodes": ",".join(self.nodes),
-                                   "samples_per_s": stats.samples * world / max(stats.seconds, 1e-9)}
-        metrics.update(selection_metrics(score_table(d.sel_rows, sel_scores), self.job.rule))
-        if d.heldout is not None and rank == 0:
-            metrics["heldout_loss"] = trainer.eval_loss(d.heldout)
-        if trainer.pruned:
-            metrics["pruned_clips"] = len(trainer.pruned) * world
+        rank, world, parts = self.rank, self.world, self.parts
+        first = parts[0].trainer
+        last = first.epoch >= first.hp.epochs
+        samples = sum(s.samples for s in stats)
+        metrics: dict[str, Any] = {
+            "epoch": first.epoch, "train_loss": sum(s.loss * s.samples for s in stats) / max(samples, 1),
+            "nodes": ",".join(self.nodes), "samples_per_s": samples * world / max(sum(s.seconds for s in stats), 1e-9)}
+        sel = []
+        for p in parts:
+            p.trainer.after_training(self.kept_full(p))
+            sel.append(score_table(p.data.sel_rows, distributed_scores(p.trainer, p.data.sel_set, rank, world)))
+        metrics.update(selection_metrics(pd.concat(sel, ignore_index=True), self.job.rule))
+        held = [p for p in parts if p.data.heldout is not None]
+        if held and rank == 0:
+            metrics["heldout_loss"] = float(np.mean([p.trainer.eval_loss(p.data.heldout) for p in held
+                                                     if p.data.heldout is not None]))
+        pruned = sum(len(p.trainer.pruned) for p in parts)
+        if pruned:
+            metrics["pruned_clips"] = pruned * world
         tables: dict[str, pd.DataFrame | None] = {}
         if last:
-            pruned_all = [row for part in _gather([(e, int(d.shard_idx[i]), v) for e, i, v in trainer.pruned], world)
-                          for row in part]
-            test_scores = distributed_scores(trainer, d.test.to(trainer.device), rank, world)
-            train_scores = distributed_scores(trainer, d.train_full, rank, world)
+            per_part = [self.tables(p) for p in parts]
             metrics["train_seconds"] = time.perf_counter() - self.t_start
             if rank == 0:
-                tables = {"test": score_table(d.test_rows, test_scores),
-                          "train": score_table(d.study.train_table, train_scores),
-                          "heldout": score_table(d.study.heldout_table, distributed_scores(trainer, d.heldout, 0, 1))
-                          if d.heldout is not None else None,
-                          "pruned": pruned_table(d.study.train_table, pruned_all) if pruned_all else None}
+                tables = {k: pd.concat(found, ignore_index=True) if (found := [t[k] for t in per_part
+                                                                               if t.get(k) is not None]) else None
+                          for k in ("test", "train", "heldout", "pruned")}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
+                one = len(parts) == 1
+                state = parts[0].trainer.state_dict() if one else {"parts": {p.name: p.trainer.state_dict() for p in parts}}
                 info = CheckpointInfo(family=self.job.family, machine_type=self.job.machine_type,
-                                      layout=self.job.layout, params=self.params, spec=d.spec.to_dict(),
-                                      info=d.study.info.__dict__, epoch=trainer.epoch,
-                                      final_metrics=metrics if last else None)
-                artifacts.write_checkpoint(tmp, trainer.state_dict(), info, **tables)
+                                      layout=self.job.layout, params=self.params, spec=parts[0].data.spec.to_dict(),
+                                      info=parts[0].data.study.info.__dict__ if one else {},
+                                      parts=None if one else {p.name: p.data.study.info.__dict__ for p in parts},
+                                      epoch=first.epoch, final_metrics=metrics if last else None)
+                artifacts.write_checkpoint(tmp, state, info, **tables)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def train_worker(cfg: dict) -> None:
-    """Ray Train per-worker function: set up, ``trainer.fit`` with the trial's report hook."""
+    """Ray Train per-worker function: set up one model (one per machine type in a first-shot trial), then train
+    them epoch by epoch, reporting after each."""
     import ray
     import ray.train
     import ray.train.torch
@@ -274,20 +326,29 @@ def train_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     family, hp = create_family(job.family, cfg["params"])
-    data = worker_data(job, hp.crop, family.view(), device, rank, world)
-    trainer = Trainer(family, hp, data.study.info, device, wrap=ray.train.torch.prepare_model)
+    groups = [(mt,) for mt in job.types] if job.scope == FIRST_SHOT else [job.types]
+    parts = []
+    for types in groups:
+        data = worker_data(job, types, hp.crop, family.view(), device, rank, world, family.labelling())
+        parts.append(Part(types[0] if len(types) == 1 else job.machine_type,
+                          Trainer(family, hp, data.study.info, device, wrap=ray.train.torch.prepare_model), data))
     nodes = sorted(set(_gather(ray.get_runtime_context().get_node_id(), world)))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # never a run that had ended: run_trial reports those itself (ended_run)
         with ckpt.as_directory() as d:
-            trainer.load_state_dict(artifacts.load_state(str(Path(d) / artifacts.STATE_FILE), device, "trial"))
+            state = artifacts.load_state(str(Path(d) / artifacts.STATE_FILE), device, "trial")
+        for p in parts:
+            p.trainer.load_state_dict(state["parts"][p.name] if len(parts) > 1 else state)
     else:
-        trainer.before_training(data.train_full)
-    report = TrialReport(job, cfg["params"], data, rank, world, nodes)
+        for p in parts:
+            p.trainer.before_training(p.data.train_full)
+    report = TrialReport(job, cfg["params"], parts, rank, world, nodes)
+    agree = AgreeAcrossRanks(world)
     try:
-        trainer.fit(data.shard, epochs=max(0, hp.epochs - trainer.epoch), hooks=[report], after=False)
+        for _ in range(max(0, hp.epochs - parts[0].trainer.epoch)):
+            report.epoch_end([p.trainer.fit(p.data.shard, epochs=1, hooks=[agree], after=False)[0] for p in parts])
     except NonFiniteLoss as e:
-        report_failure(str(e), trainer.epoch + 1, rank)
+        report_failure(str(e), parts[0].trainer.epoch, rank)
 
 
 def checkpoint_uri(experiment: str, checkpoint: Any) -> str | None:
@@ -309,7 +370,8 @@ def run_trial(params: dict, job: StudyJob) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     record = TrialRecord(study=job.study, family=job.family, machine_type=job.machine_type, trial_id=trial_id,
-                         params=params, workers=job.workers,
+                         params=params, machine_types=list(job.machine_types) or None,
+                         scope=job.scope if job.scope != "machine_type" else None, workers=job.workers,
                          gpus=job.workers * job.gpus_per_worker if job.use_gpu else 0)
     ended = ended_run(storage.join(job.train_storage, trial_id))
     if ended is not None:

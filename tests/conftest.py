@@ -39,6 +39,14 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny23_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic set in the DCASE 2023 layout (seed 0): sections, domains, attributes. Read-only."""
+    from raysd.data import synth
+
+    return synth.generate(tmp_path_factory.mktemp("synth") / "tiny23", preset="tiny", seed=0, layout="dcase2023")
+
+
+@pytest.fixture(scope="session")
 def fixture_clip() -> Path:
     """The real DCASE 2020 clip in ``shared/fixtures`` (skips the test when the checkout lacks it)."""
     if not FIXTURE_CLIP.exists():

@@ -14,11 +14,11 @@ TUNE_STATE = "experiment_state-2026-01-01_00-00-00.json"
 
 
 def write_experiment(root: Path, studies: list[str], rule: str = "2020", metric: str = "sel_auc",
-                     mode: str = "max", preset: str = "unit", layout: str = "dcase2020") -> Path:
+                     mode: str = "max", preset: str = "unit", layout: str = "dcase2020", **extra) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / artifacts.EXPERIMENT_FILE).write_text(json.dumps({
         "preset": preset, "preset_path": f"search_spaces/{preset}.yaml", "rule": rule, "metric": metric, "mode": mode,
-        "data_root": "/nowhere", "layout": layout, "studies": studies, "started": "2026-01-01T00:00:00"}))
+        "data_root": "/nowhere", "layout": layout, "studies": studies, "started": "2026-01-01T00:00:00", **extra}))
     return root
 
 
@@ -33,9 +33,11 @@ def write_checkpoint(root: Path, study: str, trial_id: str, state: dict, trial_j
 
 def write_record(root: Path, study: str, trial_id: str, family: str, machine_type: str, params: dict, status: str,
                  metrics: dict | None = None, checkpoint: Path | None = None, reason: str | None = None,
-                 wall_seconds: float = 10.0, gpus: float = 0) -> Path:
+                 wall_seconds: float = 10.0, gpus: float = 0, machine_types: list[str] | None = None,
+                 scope: str | None = None) -> Path:
     rec = artifacts.TrialRecord(study=study, family=family, machine_type=machine_type, trial_id=trial_id,
-                                params=params, workers=1, gpus=gpus, status=status, wall_seconds=wall_seconds)
+                                params=params, workers=1, gpus=gpus, status=status, wall_seconds=wall_seconds,
+                                machine_types=machine_types, scope=scope)
     if status == "failed":
         rec.reason = reason
     else:

@@ -452,3 +452,48 @@ def test_2021_and_2022_figures_and_decision_files_from_the_ensemble_thresholds(t
         for d in domains]
     assert len(sub) == 160 and 0 < sub["decision"].sum() < 160
     assert (sub["decision"] == (sub["score"] > sub["section"].map(thr)).astype(int)).all()
+
+
+TRIPLET = {"lr": 1e-3, "batch_size": 8, "epochs": 1, "channels": [4], "emb_dim": 2, "patch_frames": 4, "patch_hop": 2,
+           "precise_bn": 0, "scope": "dataset", "labels": "type_section", "score": "knn"}
+
+
+def test_a_dataset_scope_trial_ranks_and_ensembles_in_every_machine_type(tmp_path: Path):
+    """One trial over fan and valve: its rows appear in both types' leaderboards, best models and ensemble candidates."""
+    studies = ["fan__dense_ae", "valve__dense_ae", "all__triplet"]
+    root = write_experiment(tmp_path / "exp", studies, study_types={"all__triplet": ["fan", "valve"]},
+                            study_scopes={"all__triplet": "dataset"})
+    dense, triplet = tiny_model("dense_ae", DENSE), tiny_model("triplet", TRIPLET)
+    for seed, (study, tid, mt) in enumerate((("fan__dense_ae", "f1", "fan"), ("valve__dense_ae", "v1", "valve"))):
+        test, train = fake_scores(mt, 0.5, seed)
+        ck = write_checkpoint(root, study, tid, dense[0], {**dense[1], "machine_type": mt}, test, train)
+        write_record(root, study, tid, "dense_ae", mt, DENSE, "finished", checkpoint=ck, metrics={"epoch": 3})
+    parts = [fake_scores(mt, 2.0, 7 + i) for i, mt in enumerate(("fan", "valve"))]
+    ck = write_checkpoint(root, "all__triplet", "d1", triplet[0], {**triplet[1], "machine_type": "all"},
+                          pd.concat([p[0] for p in parts], ignore_index=True),
+                          pd.concat([p[1] for p in parts], ignore_index=True))
+    write_record(root, "all__triplet", "d1", "triplet", "all", TRIPLET, "finished", checkpoint=ck,
+                 metrics={"epoch": 1}, machine_types=["fan", "valve"], scope="dataset")
+    # stopped by ASHA, no record: its study's types come from experiment.json
+    write_tune_trial(root, "all__triplet", "d2", TRIPLET, [{"epoch": 1, "sel_auc": 0.6}])
+    out = tmp_path / "out"
+    assert leaderboard.main([str(root), "--out", str(out), "--no-plots", "--steps", "3"]) == 0
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
+    mine = board[board["trial_id"] == "d1"].set_index("machine_type")
+    assert sorted(mine.index) == ["fan", "valve"] and set(mine["scope"]) == {"dataset"}
+    assert (mine["rank"] == 1).all()  # it separates best in each type
+    for mt in ("fan", "valve"):
+        own = fake_scores(mt, 2.0, 7 + ("fan", "valve").index(mt))[0]
+        _, official = evaluate(own, rule="2020")
+        assert mine.loc[mt, "test_auc"] == pytest.approx(official["auc"], abs=1e-12)  # each type's own clips
+    assert sorted(board.loc[board["trial_id"] == "d2", "machine_type"]) == ["fan", "valve"]
+    best = pd.read_csv(out / "best_models.csv", dtype={"trial_id": str})
+    assert set(best.loc[best["family"] == "triplet", "machine_type"]) == {"fan", "valve"}
+    ens = pd.read_csv(out / "ensembles.csv")
+    for mt in ("fan", "valve"):
+        fam_best = ens[(ens["machine_type"] == mt) & (ens["kind"] == "family-best")]
+        assert fam_best["members"].str.contains("triplet/d1").all() and len(fam_best) == 2
+    doc = json.loads((out / "ensemble.json").read_text())["machine_types"]
+    for mt in ("fan", "valve"):
+        members = {m["name"]: m for m in doc[mt]["members"]}
+        assert "triplet/d1" in members and set(members["triplet/d1"]["stats"]) == {"00", "01", "02"}

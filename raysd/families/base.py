@@ -8,20 +8,26 @@ search, leaderboard) only ever talks to this interface; it never asks for a fami
 A family instance carries its typed hyperparameters (``self.hp``) and nothing else. Per-family state that
 training or scoring needs (an SVDD centre, a triplet reference set, Mahalanobis statistics, warp tables)
 lives in buffers of the module that :meth:`Family.build` returns, so a ``state_dict`` round-trip restores it.
+
+A family trains one model per machine type unless its :meth:`Family.scope` says ``dataset``: then one model
+learns every machine type of the data set at once, classifying the auxiliary labels its
+:meth:`Family.labelling` names (:mod:`raysd.data.study`). Families with these options take them from the
+fields of :class:`raysd.families.hparams.AuxTaskConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
 
 from raysd.data.views import View
 from raysd.families.clips import Batch, ClipSet, DataInfo
-from raysd.families.hparams import TrainHP, config_fields, make_config
+from raysd.families.hparams import Labelling, Scope, TrainHP, config_fields, make_config
 
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 class Family:
     """Base class of a model family. Subclasses set ``name`` and ``Config`` and implement the methods.
@@ -44,6 +50,14 @@ class Family:
         frames, hop = self.window_fields
         return View(frames=getattr(self.hp, frames), hop=getattr(self.hp, hop), layout=self.layout)
 
+    def scope(self) -> Scope:
+        """``machine_type``: one model per machine type (the default); ``dataset``: one model for every type."""
+        return getattr(self.hp, "scope", "machine_type")
+
+    def labelling(self) -> Labelling:
+        """What the class labels of the training clips are (``section`` unless the config chooses)."""
+        return getattr(self.hp, "labels", "section")
+
     def build(self, info: DataInfo) -> nn.Module:
         raise NotImplementedError
 
@@ -55,8 +69,10 @@ class Family:
         """One anomaly score per window (higher = more anomalous); ``model`` is unwrapped."""
         raise NotImplementedError
 
-    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One anomaly score per clip from its windows (B, P, *shape): the mean window score."""
+    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
+              sections: torch.Tensor | None = None) -> torch.Tensor:
+        """One anomaly score per clip from its windows (B, P, *shape), given each clip's class (``labels``) and
+        section index (``sections``, see :class:`ClipSet`): by default the mean window score."""
         b, p = windows.shape[:2]
         x = windows.reshape(b * p, *windows.shape[2:])
         s = self.window_scores(model, x, labels.repeat_interleave(p))

@@ -20,6 +20,8 @@ class DataInfo:
     class_names: tuple[str, ...] = ()
     sample_rate: int = 16000
     f_max: float = 8000.0
+    labelling: str = "section"  # what a class is: see raysd.data.study.LABELLINGS
+    section_names: tuple[str, ...] = ()  # the sections of the training clips ('<machine type>/<section>')
 
 
 @dataclass
@@ -35,17 +37,25 @@ class Batch:
 class ClipSet:
     """Log-mel clips of one study held as one (optionally device-resident) tensor.
 
-    ``clips`` is (N, M, T); ``labels`` (N,) the class index of each clip. Batches are drawn by index
-    from a frame-major copy, so an epoch costs no host-to-device copies once the tensor is on the device.
+    ``clips`` is (N, M, T); ``labels`` (N,) the class index of each clip under the study's labelling (-1:
+    a class not seen in training); ``sections`` (N,) the index of its section in ``DataInfo.section_names``
+    (-1: unseen; default: the labels), ``domains`` (N,) 0 for the source domain, 1 for the target domain
+    (default: all source). Batches are drawn by index from a frame-major copy, so an epoch costs no
+    host-to-device copies once the tensor is on the device.
     """
 
-    def __init__(self, clips: torch.Tensor, labels: torch.Tensor, view: View):
+    def __init__(self, clips: torch.Tensor, labels: torch.Tensor, view: View, sections: torch.Tensor | None = None,
+                 domains: torch.Tensor | None = None):
         if clips.ndim != 3:
             raise ValueError(f"ClipSet expects clips of shape (N, n_mels, n_frames), got {tuple(clips.shape)}")
-        if labels.shape != (clips.shape[0],):
-            raise ValueError(f"ClipSet labels must have shape ({clips.shape[0]},), got {tuple(labels.shape)}")
+        n = clips.shape[0]
+        for name, t in (("labels", labels), ("sections", sections), ("domains", domains)):
+            if t is not None and t.shape != (n,):
+                raise ValueError(f"ClipSet {name} must have shape ({n},), got {tuple(t.shape)}")
         self.clips = clips
-        self.labels = labels.long()
+        self.labels = labels.long().to(clips.device)
+        self.sections = self.labels if sections is None else sections.long().to(clips.device)
+        self.domains = torch.zeros_like(self.labels) if domains is None else domains.long().to(clips.device)
         self.view = view
         self.frames_major = clips.transpose(1, 2).contiguous()
         self.starts = view.starts(clips.shape[2]).to(clips.device)
@@ -63,10 +73,10 @@ class ClipSet:
 
     def subset(self, idx: torch.Tensor) -> ClipSet:
         idx = idx.to(self.clips.device)
-        return ClipSet(self.clips[idx], self.labels[idx], self.view)
+        return ClipSet(self.clips[idx], self.labels[idx], self.view, self.sections[idx], self.domains[idx])
 
     def to(self, device: torch.device | str) -> ClipSet:
-        return ClipSet(self.clips.to(device), self.labels.to(device), self.view)
+        return ClipSet(self.clips.to(device), self.labels, self.view, self.sections, self.domains)
 
     def batch(self, window_idx: torch.Tensor) -> Batch:
         p = self.starts.numel()
@@ -89,7 +99,8 @@ class ClipSet:
             yield self.batch(order[i:i + batch_size])
 
     def clip_batches(self, clips_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(clip indices, windows (B, P, *shape), labels) in clip order, for scoring."""
+        """(clip indices, windows (B, P, *shape), labels) in clip order, for scoring; ``sections[idx]`` and
+        ``domains[idx]`` give the rest of a clip's description."""
         for i in range(0, len(self), clips_per_batch):
             idx = torch.arange(i, min(i + clips_per_batch, len(self)), device=self.device)
             yield idx, self.view.windows(self.clips[idx]), self.labels[idx]

@@ -86,6 +86,33 @@ def make_config(config_cls: type, values: dict[str, Any], where: str = "config")
     return cfg
 
 
+Scope = typing.Literal["machine_type", "dataset"]
+Labelling = typing.Literal["section", "type_section", "attribute"]
+
+
+@dataclass
+class AuxTaskConfig:
+    """Options of a family that learns an embedding by classifying auxiliary labels and can score by kNN.
+
+    ``scope``: one model per machine type, or one for the whole data set (fixed in a preset, never searched);
+    ``labels``: the classes (``section``; ``type_section``: machine type x section; ``attribute``: machine type x
+    section x attribute string, the section where a clip has no attributes); ``knn_k`` / ``knn_means``: the kNN
+    score's neighbours and k-means centres of the source domain (see :class:`raysd.families.knn.KnnScorer`).
+    """
+
+    scope: Scope = "machine_type"
+    labels: Labelling = "section"
+    knn_k: int = 1
+    knn_means: int = 16
+
+    def validate(self) -> None:
+        if self.scope == "dataset" and self.labels == "section":
+            raise ValueError("scope 'dataset' needs labels 'type_section' or 'attribute' (sections of different "
+                             "machine types share numbers)")
+        if self.knn_k < 1 or self.knn_means < 0:
+            raise ValueError(f"knn_k must be >= 1 and knn_means >= 0, got {self.knn_k}, {self.knn_means}")
+
+
 @dataclass
 class TrainHP:
     """Hyperparameters shared by every family (searched alongside the family's own)."""

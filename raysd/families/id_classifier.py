@@ -14,9 +14,16 @@ After training, the BatchNorm statistics are recomputed over training patches wi
 (:func:`raysd.families.augment.recalibrate_batchnorm`): after short trainings the running averages trail
 the weights far enough for eval-mode outputs to collapse to one class.
 
-Anomaly score of a clip: the negative log softmax probability of its true ID, averaged over its patches.
-A test clip whose section was not seen in training (label -1) is scored with the most probable ID
-instead: ``-max_c log p(c | patch)``, i.e. how unlike every known ID it is.
+Anomaly score of a clip (``score='class'``): the negative log softmax probability of its true ID, averaged
+over its patches. A test clip whose class was not seen in training (label -1) is scored with the most
+probable one instead: ``-max_c log p(c | patch)``, i.e. how unlike every known class it is. With
+``score='knn'``, the cosine distance of its mean patch embedding to the nearest training clips of its
+section, per domain (:class:`raysd.families.knn.KnnScorer`), the way the DCASE records since 2021 score.
+
+The classes need not be one machine type's IDs: with :class:`raysd.families.hparams.AuxTaskConfig`'s
+``scope='dataset'`` one network learns every machine type of the data set, and ``labels`` chooses machine
+type x section or machine type x section x attributes as classes (the other machines' clips then act as
+outliers for each class).
 
 The warp is applied on the mel axis with centre frequencies of ``info.n_mels`` slaney mel bands over
 ``[0, info.f_max]``, the layout of the default feature spec; with a crop variant the kept bands cover a
@@ -43,6 +50,8 @@ from raysd.families.augment import (
 )
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import AuxTaskConfig
+from raysd.families.knn import KnnScorer, clip_embeddings, fit_scorer
 
 
 def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.2) -> tuple[nn.Module, int]:
@@ -70,7 +79,7 @@ def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.
 
 
 @dataclass
-class IdClassifierConfig:
+class IdClassifierConfig(AuxTaskConfig):
     backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
     width_mult: float = 0.5  # MobileNetV2 only
     dropout: float = 0.2
@@ -87,8 +96,10 @@ class IdClassifierConfig:
     patch_frames: int = 64
     patch_hop: int = 8
     precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
+    score: Literal["class", "knn"] = "class"
 
     def validate(self) -> None:
+        super().validate()
         if self.width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {self.width_mult}")
         if not 0 <= self.dropout < 1:
@@ -123,6 +134,7 @@ class IdClassifierNet(nn.Module):
         self.warp_lo: torch.Tensor | None
         self.warp_hi: torch.Tensor | None
         self.warp_w: torch.Tensor | None
+        self.knn = KnnScorer(hp.knn_k, hp.knn_means, seed=0) if hp.score == "knn" else None
         for name, t in zip(("warp_lo", "warp_hi", "warp_w"), warps or (None, None, None)):
             self.register_buffer(name, t, persistent=False)
 
@@ -169,8 +181,9 @@ class IdClassifierFamily(Family):
         n_out = info.n_classes * self.n_warps()
         if n_out < 2:
             raise ValueError(
-                f"id_classifier needs at least 2 classes, but the training data has {info.n_classes} machine "
-                "ID/section; enable warp=true (2 synthetic classes per ID) or use another family")
+                f"id_classifier needs at least 2 classes, but the training data has {info.n_classes} "
+                f"({info.labelling}); enable warp=true (2 synthetic classes per class), choose labels that split the "
+                "data further (type_section or attribute, with scope: dataset) or use another family")
         backbone, width = torchvision_backbone(hp.backbone, hp.width_mult, hp.dropout)
         head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale)
         warps = None
@@ -185,6 +198,16 @@ class IdClassifierFamily(Family):
 
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         recalibrate_batchnorm(model, data, self.hp.precise_bn)
+        net = cast(IdClassifierNet, model)
+        if net.knn is not None:
+            fit_scorer(net.knn, net.features, data)
+
+    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
+              sections: torch.Tensor | None = None) -> torch.Tensor:
+        net = cast(IdClassifierNet, model)
+        if net.knn is None:
+            return super().score(model, windows, labels, sections)
+        return net.knn(clip_embeddings(net.features, windows), labels if sections is None else sections)
 
     def class_log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """log p(class | patch) over every output class (IDs first, then each warp's copies)."""

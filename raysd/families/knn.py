@@ -16,12 +16,15 @@ scoring runs in batches on the module's device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from torch import nn
+
+from raysd.families.clips import ClipSet
 
 SOURCE, TARGET = 0, 1
 _BANK = ("bank", "bank_section", "bank_domain")
@@ -120,3 +123,19 @@ class KnnScorer(nn.Module):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.bank.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def clip_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
+    """(B, P, *shape) windows -> (B, D): the mean of each clip's window embeddings."""
+    b, p = windows.shape[:2]
+    return embed(windows.reshape(b * p, *windows.shape[2:])).float().reshape(b, p, -1).mean(dim=1)
+
+
+@torch.no_grad()
+def fit_scorer(scorer: KnnScorer, embed: Callable[[torch.Tensor], torch.Tensor], data: ClipSet,
+               clips_per_batch: int = 64) -> KnnScorer:
+    """Fit ``scorer`` on the clip embeddings of ``data`` with its sections and domains."""
+    if len(data) == 0:
+        raise ValueError("kNN scoring needs training clips to fit on")
+    emb = torch.cat([clip_embeddings(embed, w) for _, w, _ in data.clip_batches(clips_per_batch)])
+    return scorer.fit(emb, data.sections, data.domains)

@@ -11,7 +11,10 @@ their embeddings (a clip's embedding is the mean of its patch embeddings) are st
 buffers, so a checkpoint carries them. Anomaly score of a clip: the mean Euclidean distance from its
 embedding to the K references of its ID. A test clip whose section was not seen in training (label -1),
 or whose ID has no references (absent from this worker's training shard), is scored against the ID whose
-references are nearest on average.
+references are nearest on average. With ``score='knn'`` a clip is scored instead by the cosine distance of
+its embedding to the nearest training clips of its section, per domain (:mod:`raysd.families.knn`); with
+``scope='dataset'`` one network embeds every machine type, its classes chosen by ``labels``
+(:class:`raysd.families.hparams.AuxTaskConfig`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch import nn
 from raysd.families.augment import recalibrate_batchnorm
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import AuxTaskConfig
+from raysd.families.knn import KnnScorer, clip_embeddings, fit_scorer
 
 
 class TripletNet(nn.Module):
@@ -36,8 +41,9 @@ class TripletNet(nn.Module):
     """CNN embedding with the per-ID reference set in buffers ``refs`` (C, K, D) and ``ref_mask`` (C, K)."""
 
     def __init__(self, info: DataInfo, frames: int, channels: tuple[int, ...], emb_dim: int, dropout: float,
-                 n_refs: int, normalize: bool):
+                 n_refs: int, normalize: bool, knn: KnnScorer | None = None):
         super().__init__()
+        self.knn = knn
         blocks: list[nn.Module] = []
         c_in, m, t = 1, info.n_mels, frames
         for c in channels:
@@ -91,7 +97,7 @@ def mine_triplets(y: torch.Tensor, clip: torch.Tensor | None = None,
 
 
 @dataclass
-class TripletConfig:
+class TripletConfig(AuxTaskConfig):
     emb_dim: int = 16
     channels: tuple[int, ...] = (32, 64, 128)
     dropout: float = 0.2
@@ -103,8 +109,10 @@ class TripletConfig:
     patch_frames: int = 64
     patch_hop: int = 32
     precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
+    score: Literal["refs", "knn"] = "refs"
 
     def validate(self) -> None:
+        super().validate()
         if self.emb_dim < 1 or self.n_refs < 1:
             raise ValueError(f"emb_dim and n_refs must be >= 1, got {self.emb_dim}, {self.n_refs}")
         if not self.channels or any(c < 1 for c in self.channels):
@@ -129,10 +137,13 @@ class TripletFamily(Family):
 
     def build(self, info: DataInfo) -> nn.Module:
         if info.n_classes < 2:
-            raise ValueError(f"triplet needs at least 2 machine IDs/sections in the training data "
-                             f"(negatives come from another ID), got {info.n_classes}")
+            raise ValueError(f"triplet needs at least 2 classes ({info.labelling}) in the training data "
+                             f"(negatives come from another class), got {info.n_classes}; with one section per "
+                             "machine type use scope: dataset with labels type_section or attribute")
         hp = self.hp
-        return TripletNet(info, hp.patch_frames, tuple(hp.channels), hp.emb_dim, hp.dropout, hp.n_refs, hp.normalize)
+        knn = KnnScorer(hp.knn_k, hp.knn_means, seed=hp.ref_seed) if hp.score == "knn" else None
+        return TripletNet(info, hp.patch_frames, tuple(hp.channels), hp.emb_dim, hp.dropout, hp.n_refs, hp.normalize,
+                          knn)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         e = model(batch.x).float()
@@ -147,14 +158,16 @@ class TripletFamily(Family):
 
     def clip_embeddings(self, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
         """(B, P, *shape) windows -> (B, D) mean patch embedding per clip."""
-        b, p = windows.shape[:2]
-        return model(windows.reshape(b * p, *windows.shape[2:])).float().reshape(b, p, -1).mean(dim=1)
+        return clip_embeddings(model, windows)
 
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         """Recompute BatchNorm statistics, then fix the reference set: K random training clips per ID
-        (fewer if an ID has fewer clips)."""
+        (fewer if an ID has fewer clips), or fit the kNN scorer."""
         net = cast(TripletNet, model)
         recalibrate_batchnorm(net, data, self.hp.precise_bn)
+        if net.knn is not None:
+            fit_scorer(net.knn, net, data)
+            return
         emb = torch.cat([self.clip_embeddings(net, w) for _, w, _ in data.clip_batches(64)]) if len(data) else \
             torch.zeros(0, net.refs.shape[-1])
         refs = torch.zeros_like(net.refs)
@@ -174,8 +187,11 @@ class TripletFamily(Family):
         net.refs.copy_(refs)
         net.ref_mask.copy_(mask)
 
-    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
+              sections: torch.Tensor | None = None) -> torch.Tensor:
         net = cast(TripletNet, model)
+        if net.knn is not None:
+            return net.knn(self.clip_embeddings(net, windows), labels if sections is None else sections)
         mask = net.ref_mask
         if not bool(mask.any()):
             raise RuntimeError("triplet: the reference set is empty; after_training() fixes it when training ends")

@@ -61,7 +61,8 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
         if t.scored and math.isfinite(value):
             values[t.key] = value
         row: dict[str, Any] = {
-            "machine_type": t.machine_type, "family": t.family, "study": t.study, "trial_id": t.trial_id,
+            "machine_type": t.machine_type, "family": t.family, "scope": t.scope, "study": t.study,
+            "trial_id": t.trial_id, "_key": t.key,
             "status": t.status, "epochs": t.epochs,
         }
         row.update(figs)
@@ -74,7 +75,7 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
         rows.append(row)
     df = pd.DataFrame(rows)
     aggregates = [c for c in aggregate_columns(rule) if c in df.columns]
-    fixed = ["machine_type", "family", "study", "trial_id", "status", "rank", "epochs"] + \
+    fixed = ["machine_type", "family", "scope", "study", "trial_id", "status", "rank", "epochs"] + \
         ([exp.metric] if exp.metric not in aggregates else [])
     tail = ["train_seconds", "wall_seconds", "gpu_hours", "workers", "gpus"]
     prefixes = tuple(f"{p}_" for p in HALVES.values())
@@ -85,7 +86,7 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
     df["_v"] = (df[exp.metric].astype(float) * (1 if exp.mode == "max" else -1)).fillna(-math.inf)
     df = df.sort_values(["machine_type", "_s", "_v", "family", "trial_id"], ascending=[True, True, False, True, True],
                         kind="stable")
-    ok = [f"{s}/{i}" in values for s, i in zip(df["study"], df["trial_id"])]
+    ok = [k in values for k in df["_key"]]
     df["rank"] = pd.array([pd.NA] * len(df), dtype="Int64")
     for mt, g in df[ok].groupby("machine_type", sort=False):
         df.loc[g.index, "rank"] = np.arange(1, len(g) + 1)
@@ -96,7 +97,7 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
 def best_models(exp: Experiment, board: pd.DataFrame) -> pd.DataFrame:
     done = board[board["rank"].notna()]
     best = done.sort_values("rank").groupby(["machine_type", "family"], sort=True).head(1)
-    cols = ["machine_type", "family", "trial_id", "study", "rank", exp.metric, "epochs"] + \
+    cols = ["machine_type", "family", "scope", "trial_id", "study", "rank", exp.metric, "epochs"] + \
            [c for c in aggregate_columns(exp.rule) if c in board.columns] + \
            ["train_seconds", "gpu_hours"] + [c for c in board.columns if c.startswith("hp_")] + ["checkpoint"]
     best = best.sort_values(["machine_type", "rank"])

@@ -159,7 +159,8 @@ def ensemble_document(exp: Experiment, chosen: dict[str, Candidate], stats: dict
 def trial_member(trial: Trial, weight: int, stats: pd.DataFrame) -> dict:
     """The ``ensemble.json`` member entry of a finished trial."""
     return artifacts.member_entry(trial.name, trial.family, str(trial.checkpoint), trial.params, stats, weight,
-                                  study=trial.study, trial_id=trial.trial_id)
+                                  study=trial.study, trial_id=trial.trial_id,
+                                  machine_type=trial.machine_type if trial.covers else None)
 
 
 def experiment_document(exp: Experiment, types: dict, quantile: float) -> dict:

@@ -8,6 +8,7 @@ per-clip score tables. Nothing here starts Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -46,6 +47,8 @@ class Trial:
     test: pd.DataFrame | None = None  # scores_test.csv of the last checkpoint
     train: pd.DataFrame | None = None
     heldout: pd.DataFrame | None = None  # scores_heldout.csv (unlabelled data; read when reporting anomalies)
+    scope: str = "machine_type"  # 'dataset': one model for several machine types; this Trial is its part for one
+    covers: tuple[str, ...] = ()  # every machine type the trial's study covers, when several
 
     @property
     def name(self) -> str:
@@ -53,7 +56,8 @@ class Trial:
 
     @property
     def key(self) -> str:
-        return f"{self.study}/{self.trial_id}"
+        """Unique per (trial, machine type): a trial over several machine types appears once per type."""
+        return f"{self.study}/{self.trial_id}" + (f"@{self.machine_type}" if self.covers else "")
 
     @property
     def scored(self) -> bool:
@@ -239,6 +243,7 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
         s = PurePosixPath(f).parent.name
         if s not in studies:
             studies.append(s)
+    study_types: dict[str, list[str]] = dict(meta.get("study_types") or {})
     trials: list[Trial] = []
     for study in studies:
         mt_guess, _, fam_guess = study.partition("__")
@@ -293,6 +298,10 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
                           wall_seconds=wall, gpu_hours=(gpus or 0) * wall / 3600 if gpus is not None else math.nan,
                           workers=study_workers, gpus=gpus)
             t.params = {k: v for k, v in t.params.items() if k != "job"}
+            if rec is not None and rec.machine_types:
+                study_types.setdefault(study, list(rec.machine_types))
+            t.scope = (rec.scope if rec is not None and rec.scope else None) or meta.get("study_scopes", {}).get(
+                study, "machine_type")
             trials.append(t)
     exp = Experiment(root, meta, trials)
     if load_scores:
@@ -309,4 +318,24 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
                 t.test = t.train = None
                 t.reason = f"score tables unreadable: {e}"
                 warnings.warn(f"raysd leaderboard: trial {t.study}/{t.trial_id}: {t.reason}")
+    exp.trials = [part for t in exp.trials for part in per_type_parts(t, study_types.get(t.study))]
     return exp
+
+
+def per_type_parts(t: Trial, types: list[str] | None) -> list[Trial]:
+    """A trial of a study over several machine types as one Trial per type, each with that type's rows of the
+    score tables, so that it ranks and joins ensembles beside the per-type trials; other trials unchanged."""
+    if not types or len(types) < 2 and t.machine_type in types:
+        return [t]
+    covers = tuple(types)
+    parts = []
+    for mt in covers:
+        def rows(table: pd.DataFrame | None, mt: str = mt) -> pd.DataFrame | None:
+            return None if table is None else table[table["machine_type"] == mt].reset_index(drop=True)
+
+        test, train = rows(t.test), rows(t.train)
+        if t.scored and (test is None or test.empty):
+            continue  # the type had no test clips with features
+        parts.append(dataclasses.replace(t, machine_type=mt, covers=covers, test=test, train=train,
+                                         heldout=rows(t.heldout)))
+    return parts
