@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LeaderboardError, EnsembleError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    counts = report.board["status"].value_counts().to_dict()
-    log.info("leaderboard of %d trials (%s) written to %s", len(report.board),
+    trials = report.board.drop_duplicates(["study", "trial_id"])
+    counts = trials["status"].value_counts().to_dict()
+    log.info("leaderboard of %d trials (%s) written to %s", len(trials),
              ", ".join(f"{v} {k}" for k, v in counts.items()), report.out)
     for mt, c in report.chosen.items():
         rep = {k: c.figures.get(f"report_{k}") for k in ("auc", "pauc")}

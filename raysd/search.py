@@ -1,5 +1,9 @@
-"""``python -m raysd.search PRESET``: every (machine type, family) study of a preset, searched with
-Ray Tune + Optuna, each trial a Ray Train ``TorchTrainer``.
+"""``python -m raysd.search PRESET``: every study of a preset, searched with Ray Tune + Optuna, each trial a
+Ray Train ``TorchTrainer``.
+
+A study is one (machine type, family), or one family over every machine type: when the family's scope is
+``dataset`` (one model for all types), or in a ``first_shot`` preset (one model per type, one configuration
+for all); :func:`study_units` cuts them from what each family declares, never from its name.
 
 One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE, persisted in SQLite under the experiment
 folder) and an optional ``ASHAScheduler``. Studies run concurrently as Ray tasks on the attached

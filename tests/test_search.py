@@ -218,6 +218,60 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_first_shot_and_dataset_scope_studies_end_to_end(tiny23_root: Path, tmp_path: Path) -> None:
+    """A first-shot preset on the 2023 layout: dense_ae trains one model per machine type with one configuration,
+    id_classifier one model for both types on their attributes; each trial ranks and joins the ensembles of both
+    types, and the chosen ensembles score audio files as the leaderboard did."""
+    import pandas as pd
+    import torch
+
+    from raysd.score import score_paths
+
+    fams = {
+        "dense_ae": {"num_samples": 1, "epochs": 1, "space": {"lr": 1e-3, "batch_size": 512}},
+        "id_classifier": {"num_samples": 1, "epochs": 1, "space": {
+            "scope": "dataset", "labels": "attribute", "score": "knn", "batch_size": 64, "patch_hop": 30,
+            "precise_bn": 512}},
+    }
+    preset = _preset(tmp_path, fams, machine_types=["fan", "valve"], rule="2022", metric="sel_official",
+                     first_shot=True)
+    done = subprocess.run(_search_cmd(preset, tiny23_root, tmp_path), cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, _story(done)
+    said = done.stdout + done.stderr
+    assert "all__id_classifier: " in said and "classes (attribute) over 2 machine type(s)" in said
+    assert "all__dense_ae (fan): 2 classes (section) over 1 machine type(s)" in said
+    records = _records(tmp_path / "exp" / "t")
+    assert sorted(records) == ["all__dense_ae", "all__id_classifier"]
+    (dense,), (clf,) = records["all__dense_ae"], records["all__id_classifier"]
+    assert (dense["scope"], clf["scope"]) == ("first_shot", "dataset")
+    assert dense["machine_types"] == clf["machine_types"] == ["fan", "valve"] and dense["status"] == "finished"
+    state = torch.load(Path(dense["checkpoint"]) / "state.pt", weights_only=True)
+    assert sorted(state["parts"]) == ["fan", "valve"]  # one model per machine type
+    for r in (dense, clf):
+        scores = pd.read_csv(Path(r["checkpoint"]) / "scores_test.csv")
+        assert set(scores["machine_type"]) == {"fan", "valve"} and scores["score"].notna().all()
+
+    board = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
+    assert sorted(zip(board["machine_type"], board["family"], board["scope"])) == [
+        ("fan", "dense_ae", "first_shot"), ("fan", "id_classifier", "dataset"),
+        ("valve", "dense_ae", "first_shot"), ("valve", "id_classifier", "dataset")]
+    assert board["rank"].notna().all()
+    ens = pd.read_csv(tmp_path / "results" / "ensembles.csv")
+    fam_best = ens[ens["kind"] == "family-best"].groupby("machine_type")["members"].first()
+    assert all("dense_ae/" in m and "id_classifier/" in m for m in fam_best[["fan", "valve"]])
+    doc = json.loads((tmp_path / "results" / "ensemble.json").read_text())["machine_types"]
+    per_clip = pd.read_csv(tmp_path / "results" / "ensemble_scores.csv")
+    for mt in ("fan", "valve"):
+        files = per_clip[(per_clip["machine_type"] == mt) & (per_clip["split"] == "test")].head(6)
+        got, problems = score_paths(tmp_path / "results" / "ensemble.json",
+                                    [str(tiny23_root / f) for f in files["file"]], device="cpu")
+        assert not problems and len(got) == 6, (doc[mt]["ensemble"], problems)
+        want = dict(zip(files["file"].map(lambda f: Path(f).name), files["score"]))
+        assert [want[Path(f).name] for f in got["file"]] == pytest.approx(got["score"].tolist(), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.slow
 def test_a_gpu_preset_runs_on_cpu_with_the_overrides(tiny_root: Path, tmp_path: Path) -> None:
     """The dcase20 preset asks for a GPU per worker: on this CPU-only machine the search stops before any
     trial starts and names the override; with the overrides the same preset trains and scores."""

@@ -40,10 +40,15 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
                      out: Path | None = None) -> str:
     rule = exp.rule
     key = exp.metric.removeprefix("sel_")
-    counts = board["status"].value_counts()
+    trials = board.drop_duplicates(["study", "trial_id"])  # a trial over several machine types has a row in each
+    counts = trials["status"].value_counts()
     lines = [f"# raysd leaderboard: {exp.preset}", "",
              f"Experiment `{exp.root}`, rule {rule}, search metric `{exp.metric}` ({exp.mode}), "
-             f"{len(board)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+             f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    if "scope" in board.columns and (board["scope"] != "machine_type").any():
+        lines += ["Trials of scope `dataset` (one model for every machine type) and `first_shot` (one model per "
+                  "type, one configuration for all) appear once per machine type they cover, with that type's "
+                  "figures.", ""]
     if key in METRIC_KEYS:
         lines += ["`sel_*` figures are on the selection half of the test clips (used by the search and to pick models "
                   "and ensembles), `report_*` on the disjoint report half (used for nothing else), `test_*` on all "
