@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from raysd.families import get_family
 from raysd.families.augment import (
-    ArcFace,
     hz_to_mel,
     mel_centres,
     mix_post_log,
@@ -22,6 +21,7 @@ from raysd.families.augment import (
     warp_table,
 )
 from raysd.families.clips import ClipSet, DataInfo
+from raysd.families.heads import ArcFace
 from raysd.families.hparams import TrainHP, make_config
 from raysd.train import Trainer
 

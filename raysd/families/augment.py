@@ -1,4 +1,4 @@
-"""Augmentations and heads shared by model families: mixup, spectral warping, ArcFace, precise BN.
+"""Augmentations shared by model families: mixup, spectral warping, precise BN (the heads are in ``heads``).
 
 All functions work on batches of log-mel windows in dB (``10 * log10(power)``), any leading shape with the
 mel axis second to last (image windows ``(B, 1, M, T)`` or clips ``(B, M, T)``), on CPU or a device, and
@@ -195,59 +195,6 @@ def warp(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ihi = hi[which].reshape(shape).expand_as(ilo)
     ww = w[which].to(x.dtype).reshape(shape)
     return x.gather(-2, ilo) * (1 - ww) + x.gather(-2, ihi) * ww
-
-
-# ------------------------------------------------------------------------------------------- heads
-
-class LinearHead(nn.Module):
-    """Plain softmax classifier head; ``target`` is accepted for a common signature and ignored."""
-
-    def __init__(self, in_features: int, n_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_features, n_classes)
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc(x)
-
-
-class ArcFace(nn.Module):
-    """Additive angular margin head (Deng et al., 2019): ``scale * cos(theta_c + margin * t_c)``.
-
-    ``theta_c`` is the angle between the normalised feature and class ``c``'s normalised weight. In
-    training, ``target`` (class indices (B,) or a target distribution (B, C), e.g. from mixup) puts the
-    margin on the target classes, in proportion to their target weight; without a target (scoring)
-    the logits are ``scale * cos(theta_c)``. Angles are capped at pi, so every logit lies in
-    ``[-scale, scale]``. Computed in float32 even under autocast.
-    """
-
-    def __init__(self, in_features: int, n_classes: int, margin: float = 0.5, scale: float = 30.0):
-        super().__init__()
-        if scale <= 0 or margin < 0:
-            raise ValueError(f"ArcFace needs scale > 0 and margin >= 0, got scale={scale} margin={margin}")
-        self.margin = float(margin)
-        self.scale = float(scale)
-        self.weight = nn.Parameter(torch.empty(n_classes, in_features))
-        nn.init.xavier_uniform_(self.weight)
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            cos = F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
-            if target is None or self.margin == 0.0:
-                return self.scale * cos
-            if target.ndim == 1:
-                target = F.one_hot(target, cos.shape[1])
-            theta = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
-            shifted = torch.cos(torch.clamp(theta + self.margin * target.float(), max=math.pi))
-            return self.scale * torch.where(target > 0, shifted, cos)
-
-
-def make_head(kind: Literal["softmax", "arcface"], in_features: int, n_classes: int,
-              margin: float = 0.5, scale: float = 30.0) -> nn.Module:
-    if kind == "arcface":
-        return ArcFace(in_features, n_classes, margin, scale)
-    if kind == "softmax":
-        return LinearHead(in_features, n_classes)
-    raise ValueError(f"head must be 'softmax' or 'arcface', got {kind!r}")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

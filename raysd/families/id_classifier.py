@@ -8,7 +8,8 @@ convolution taking one channel) learns to tell apart the machine IDs (sections) 
   on the log-mel (``post_log``), trained with KL divergence against the mixing proportions;
 - spectral warping ``f -> f_max * (f / f_max) ** alpha`` (alpha 0.95 and 1.05), each warp a class of its
   own, so every ID gets two synthetic classes (see :func:`raysd.families.augment.warp_table`);
-- an ArcFace head instead of the plain softmax layer.
+- an ArcFace head instead of the plain softmax layer, or, for the embeddings of the record-holding recipes,
+  a sub-cluster AdaCos or AdaProj head (:mod:`raysd.families.heads`).
 
 After training, the BatchNorm statistics are recomputed over training patches with the final weights
 (:func:`raysd.families.augment.recalibrate_batchnorm`): after short trainings the running averages trail
@@ -40,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysd.families.augment import (
-    make_head,
     mel_centres,
     mixup,
     recalibrate_batchnorm,
@@ -50,6 +50,7 @@ from raysd.families.augment import (
 )
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.heads import HeadKind, make_head
 from raysd.families.hparams import AuxTaskConfig
 from raysd.families.knn import KnnScorer, clip_embeddings, fit_scorer
 
@@ -84,9 +85,10 @@ class IdClassifierConfig(AuxTaskConfig):
     width_mult: float = 0.5  # MobileNetV2 only
     dropout: float = 0.2
     input_norm: bool = True
-    head: Literal["softmax", "arcface"] = "softmax"
+    head: HeadKind = "softmax"
     arc_margin: float = 0.5
     arc_scale: float = 30.0
+    sub_clusters: int = 16  # adacos: centres per class; adaproj: dimension of each class's subspace
     mixup: Literal["none", "pre_log", "post_log"] = "none"
     mixup_fraction: float = 0.5  # share of each batch replaced by mixtures
     mixup_lambda: Literal["uniform", "beta"] = "uniform"
@@ -116,6 +118,8 @@ class IdClassifierConfig(AuxTaskConfig):
             raise ValueError(f"patch_frames and patch_hop must be >= 1, got {self.patch_frames}, {self.patch_hop}")
         if self.precise_bn < 0:
             raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+        if self.sub_clusters < 1:
+            raise ValueError(f"sub_clusters must be >= 1, got {self.sub_clusters}")
 
 
 class IdClassifierNet(nn.Module):
@@ -185,7 +189,7 @@ class IdClassifierFamily(Family):
                 f"({info.labelling}); enable warp=true (2 synthetic classes per class), choose labels that split the "
                 "data further (type_section or attribute, with scope: dataset) or use another family")
         backbone, width = torchvision_backbone(hp.backbone, hp.width_mult, hp.dropout)
-        head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale)
+        head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale, hp.sub_clusters)
         warps = None
         if hp.warp:
             centres = mel_centres(info.n_mels, 0.0, info.f_max)
