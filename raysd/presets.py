@@ -21,6 +21,7 @@ import yaml
 
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
 from raysd.data.heldout import HeldoutConfig
+from raysd.data.study import ALL_TYPES, FIRST_SHOT
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
 
@@ -91,6 +92,19 @@ class Preset:
             return Path(os.environ[env]).expanduser()
         root = self.dataset.get("root")
         return Path(root).expanduser() if root else None
+
+    def study_scope(self, entry: str) -> str:
+        """How an entry's studies are cut: the family's own scope, or first-shot for a per-type family in a
+        first-shot preset."""
+        scope = self.families[entry].scope
+        return FIRST_SHOT if self.first_shot and scope == "machine_type" else scope
+
+    def study_units(self, entries: list[str], types: list[str]) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(entry, machine_type, the machine types of a study over several, scope) of every study: one per
+        machine type and entry, or one per entry over every type."""
+        per_type = [(e, mt, (), "machine_type") for mt in types for e in entries if self.study_scope(e) == "machine_type"]
+        return per_type + [(e, ALL_TYPES, tuple(types), self.study_scope(e)) for e in entries
+                           if self.study_scope(e) != "machine_type"]
 
     def crops(self, entry: str) -> list[str]:
         v = self.families[entry].space.get("crop", "default")

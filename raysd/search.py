@@ -3,7 +3,7 @@ Ray Train ``TorchTrainer``.
 
 A study is one (machine type, family), or one family over every machine type: when the family's scope is
 ``dataset`` (one model for all types), or in a ``first_shot`` preset (one model per type, one configuration
-for all); :func:`study_units` cuts them from what each family declares, never from its name.
+for all); :meth:`raysd.presets.Preset.study_units` cuts them from what each family declares, never from its name.
 
 One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE, persisted in SQLite under the experiment
 folder) and an optional ``ASHAScheduler``. Studies run concurrently as Ray tasks on the attached
@@ -39,12 +39,11 @@ from raysd.data import synth
 from raysd.data.catalog import Catalog
 from raysd.data.heldout import HeldoutConfig, assign
 from raysd.data.store import FeatureStore
-from raysd.data.study import ALL_TYPES
 from raysd.families.hparams import make_config
 from raysd.log import module_logger, setup_logging
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
-from raysd.trial import FIRST_SHOT, StudyJob, ended_run, run_trial
+from raysd.trial import StudyJob, ended_run, run_trial
 from raysd.tune_optuna import ResumableOptunaSearch
 
 log = module_logger(__name__, __spec__)
@@ -116,7 +115,7 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     experiment = experiment_path(preset, args)
     res = resources(preset, args)
     studies, num_samples = [], {}
-    for fam, mt, types, scope in study_units(preset, families, wanted):
+    for fam, mt, types, scope in preset.study_units(families, wanted):
         name = f"{mt.replace('/', '-')}__{fam}"
         studies.append(StudyJob(
             study=name, family=preset.families[fam].family, entry=fam, machine_type=mt, catalog=catalog.table, data_root=str(root),
@@ -126,21 +125,6 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
             max_failures=preset.max_failures, study_table=study_table, machine_types=types, scope=scope))
         num_samples[name] = args.num_samples or preset.families[fam].num_samples
     return Plan(preset, experiment, root, catalog.layout, catalog, studies, num_samples)
-
-
-def study_scope(preset: Preset, entry: str) -> str:
-    """How a preset entry's studies are cut: the family's own scope, or first-shot for a per-type family in a
-    first-shot preset."""
-    scope = preset.families[entry].scope
-    return FIRST_SHOT if preset.first_shot and scope == "machine_type" else scope
-
-
-def study_units(preset: Preset, entries: list[str], types: list[str]) -> list[tuple[str, str, tuple[str, ...], str]]:
-    """(entry, machine_type, the machine types of a study over several, scope) of every study: one per machine
-    type and entry, or one per entry over every type."""
-    units = [(e, mt, (), "machine_type") for mt in types for e in entries if study_scope(preset, e) == "machine_type"]
-    return units + [(e, ALL_TYPES, tuple(types), study_scope(preset, e)) for e in entries
-                    if study_scope(preset, e) != "machine_type"]
 
 
 def experiment_path(preset: Preset, args: argparse.Namespace) -> str:
@@ -191,7 +175,7 @@ def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: di
     print(f"{'family':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for fam in families:
         trials = args.num_samples or preset.families[fam].num_samples
-        print(f"{fam:40s} {study_scope(preset, fam):12s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
+        print(f"{fam:40s} {preset.study_scope(fam):12s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
 
 
 def feature_specs(plan: Plan) -> list:

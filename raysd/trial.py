@@ -27,7 +27,7 @@ from raysd.artifacts import CheckpointInfo, TrialRecord
 from raysd.data.catalog import Catalog
 from raysd.data.features import FeatureSpec
 from raysd.data.store import FeatureStore
-from raysd.data.study import StudyData, load_study
+from raysd.data.study import FIRST_SHOT, StudyData, load_study
 from raysd.data.views import View
 from raysd.families.base import create_family
 from raysd.families.clips import ClipSet
@@ -35,7 +35,6 @@ from raysd.metrics import evaluate, split_half
 from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
 TRAIN_POLL_S = "0.5"
-FIRST_SHOT = "first_shot"  # the scope of a study that trains one model per machine type with one configuration
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
 

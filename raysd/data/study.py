@@ -30,6 +30,7 @@ from raysd.families.clips import ClipSet, DataInfo
 
 LABELLINGS = ("section", "type_section", "attribute")
 ALL_TYPES = "all"  # the machine_type of a study that covers several
+FIRST_SHOT = "first_shot"  # the scope of a study that trains one model per machine type with one configuration
 
 
 def section_keys(table: pd.DataFrame) -> list[str]:
