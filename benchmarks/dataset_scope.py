@@ -71,11 +71,18 @@ def best(recs: list[artifacts.TrialRecord]) -> artifacts.TrialRecord:
     return max(recs, key=lambda r: (r.metrics or {}).get("sel_official", float("-inf")))
 
 
-def official(table: pd.DataFrame) -> dict[str, float]:
+def official(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per half: the official score and its parts. A single AUC of 0 (likely with a few clips per section,
+    domain and half) makes a harmonic mean 0, so the arithmetic means of the per-section values come too."""
     out = {}
     for half in ("report", "test"):
         res = half_metrics(table, half, "2022")
-        out[half] = float(res[1]["score"]) if res is not None else float("nan")
+        if res is None:
+            continue
+        per, agg = res
+        out[half] = {"official": float(agg["score"]), "hmean_auc_source": float(agg["auc_source"]),
+                     "hmean_auc_target": float(agg["auc_target"]), "hmean_pauc": float(agg["pauc"]),
+                     **{f"mean_{k}": float(per[k].mean()) for k in ("auc_source", "auc_target", "pauc")}}
     return out
 
 
