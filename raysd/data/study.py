@@ -130,8 +130,6 @@ def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str],
     if missing or not wanted:
         what = f"machine type {missing[0]!r} is" if len(missing) == 1 else f"machine types {missing or wanted} are"
         raise ValueError(f"{what} not in the catalog of {catalog.root}; it has: {', '.join(found)}")
-    if labelling not in LABELLINGS:
-        raise ValueError(f"unknown labelling {labelling!r}; choose from {', '.join(LABELLINGS)}")
     if len(wanted) > 1 and labelling == "section":
         raise ValueError(f"a study of {len(wanted)} machine types needs labels 'type_section' or 'attribute': "
                          "the sections of different machine types share numbers")
@@ -143,11 +141,10 @@ def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str],
     if train.empty:
         raise ValueError(f"{where} has no training clips with features in {catalog.root}")
     spec = store.spec
-    info = DataInfo(n_mels=spec.kept_mels, n_frames=spec.n_frames, n_classes=0,
+    classes = tuple(sorted(set(class_keys(train, labelling))))
+    info = DataInfo(n_mels=spec.kept_mels, n_frames=spec.n_frames, n_classes=len(classes), class_names=classes,
                     sample_rate=spec.sample_rate, f_max=float(spec.f_max or spec.sample_rate / 2), labelling=labelling,
                     section_names=tuple(sorted(set(section_keys(train)))))
-    classes = tuple(sorted(set(class_keys(train, labelling))))
-    info = DataInfo(**{**info.__dict__, "n_classes": len(classes), "class_names": classes})
     held = _present(store, mine[mine["split"] == "heldout"], f"{where} held-out")
     return StudyData(name, spec, info, store.get(train), train, store.get(test), test,
                      store.get(held) if len(held) else None, held if len(held) else None, tuple(wanted))

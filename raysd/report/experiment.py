@@ -325,7 +325,7 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
 def per_type_parts(t: Trial, types: list[str] | None) -> list[Trial]:
     """A trial of a study over several machine types as one Trial per type, each with that type's rows of the
     score tables, so that it ranks and joins ensembles beside the per-type trials; other trials unchanged."""
-    if not types or len(types) < 2 and t.machine_type in types:
+    if not types or (len(types) < 2 and t.machine_type in types):
         return [t]
     covers = tuple(types)
     parts = []
