@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysd.data.features import FeatureSpec, extract
+from raysd.data.features import AnySpec, FeatureSpec, extract_all
 from raysd.data.study import encode
 from raysd.families.clips import ClipSet
 from raysd.train import Trainer
@@ -22,10 +22,11 @@ def clip_embeddings(trainer: Trainer, clips: ClipSet, clips_per_batch: int = 16)
     model, family = trainer.model, trainer.family
     model.eval()
     out = []
-    for _, windows, _ in clips.clip_batches(clips_per_batch):
+    for idx, windows, _ in clips.clip_batches(clips_per_batch):
         b, p = windows.shape[:2]
+        extra = tuple(e.repeat_interleave(p, dim=0) for e in clips.extra_of(idx))
         with trainer.autocast():
-            z = family.embed(model, windows.reshape(b * p, *windows.shape[2:]))
+            z = family.embed(model, windows.reshape(b * p, *windows.shape[2:]), extra)
         if z is None:
             return None
         out.append(z.float().reshape(b, p, -1).mean(dim=1).cpu())
@@ -39,7 +40,7 @@ def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: tor
     """(positions in ``table``, anomaly scores, embeddings) batch by batch.
 
     ``table`` holds catalog-like rows (path, file, offset, num_samples, sample_rate, section); each batch of
-    clips is read from its file, featurised with ``spec`` as at training time and dropped after use (at most
+    clips is read from its file, featurised with ``spec`` (and the view's extra features) as at training time and dropped after use (at most
     ``workers + 1`` batches are in flight, see ``extract``). Clips that cannot be decoded are appended to
     ``failed`` and skipped. Embeddings are None for a family without a bottleneck."""
     device = torch.device(device)
@@ -48,12 +49,14 @@ def stream(trainer: Trainer, spec: FeatureSpec, table: pd.DataFrame, device: tor
         labels, sections, domains = encode(table.reset_index(drop=True), trainer.info)
     else:
         labels = sections = domains = torch.zeros(len(table), dtype=torch.long)
-    for rows, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
+    specs: list[AnySpec] = [spec, *view.extra_specs(spec)]
+    for rows, feats in extract_all(table, specs, device=device, batch_size=batch_size, workers=workers,
+                                   failed=failed):
         if not rows:
             continue
         ok = torch.from_numpy(np.asarray(rows))
-        clips = ClipSet(torch.from_numpy(np.ascontiguousarray(feats)).to(device), labels[ok], view, sections[ok],
-                        domains[ok])
+        mel, *extras = (torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in feats)
+        clips = ClipSet(mel, labels[ok], view, sections[ok], domains[ok], extras)
         yield ok.numpy(), (trainer.score(clips) if score else None), (clip_embeddings(trainer, clips) if embed else None)
 
 

@@ -22,6 +22,7 @@ import yaml
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
 from raysd.data.heldout import HeldoutConfig
 from raysd.data.study import ALL_TYPES, FIRST_SHOT
+from raysd.data.views import View
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
 
@@ -109,6 +110,12 @@ class Preset:
     def crops(self, entry: str) -> list[str]:
         v = self.families[entry].space.get("crop", "default")
         return list(v["choice"]) if isinstance(v, dict) else [v]
+
+    def example_view(self, entry: str) -> View:
+        """The view of an entry's first configuration (each searched key at its first value), e.g. to know which
+        extra features to extract before trials start."""
+        family_cls = get_family(self.families[entry].family)
+        return family_cls(family_cls.Config(**_context(self.families[entry].space, family_cls, ""))).view()
 
 
 def _err(path: Path, key: str, msg: str) -> PresetError:

@@ -179,21 +179,21 @@ def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: di
 
 
 def feature_specs(plan: Plan) -> list:
-    specs = []
-    for fam in {s.search_entry for s in plan.studies}:
+    specs: list = []
+    for fam in sorted({s.search_entry for s in plan.studies}):
+        view = plan.preset.example_view(fam)
         for crop in plan.preset.crops(fam):
             spec = plan.preset.features.with_crop(crop)
-            if spec not in specs:
-                specs.append(spec)
+            specs.extend(s for s in (spec, *view.extra_specs(spec)) if s not in specs)
     return specs
 
 
 def warm_cache(plan: Plan) -> None:
-    """Fill the feature cache once for every crop variant the preset searches, before trials start."""
+    """Fill the feature cache once for every crop variant and extra feature the preset asks for, before trials start."""
     for spec in feature_specs(plan):
         t0 = time.perf_counter()
         store = FeatureStore.open(plan.catalog, spec, plan.studies[0].cache_dir)
-        log.info(f"features {spec.key()} ({spec.kept_mels} mels x {spec.n_frames} frames): "
+        log.info(f"features {spec.key()} ({spec.describe()}): "
                  f"{len(plan.catalog.table)} clips ready in {time.perf_counter() - t0:.1f}s"
                  + (f", {len(store.failed)} unreadable clip(s) skipped" if getattr(store, "failed", None) else ""))
 

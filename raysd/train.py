@@ -215,7 +215,7 @@ class Trainer:
         out = []
         for idx, windows, labels in data.clip_batches(clips_per_batch):
             with self.autocast():
-                s = self.family.score(self.model, windows, labels, data.sections[idx])
+                s = self.family.score(self.model, windows, labels, data.sections[idx], data.extra_of(idx))
             out.append(s.float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 

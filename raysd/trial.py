@@ -198,9 +198,10 @@ def worker_data(job: StudyJob, types: tuple[str, ...], hp_crop: str, view: View,
     spec = FeatureSpec.from_dict(job.spec).with_crop(hp_crop)
     catalog = Catalog(job.catalog, job.data_root, job.layout)
     store = FeatureStore.open(catalog, spec, job.cache_dir)
+    extras = [FeatureStore.open(catalog, s, job.cache_dir) for s in view.extra_specs(spec)]
     if job.study_table is not None:
         catalog = Catalog(job.study_table, job.data_root, job.layout)
-    study = load_study(catalog, store, types, labelling)
+    study = load_study(catalog, store, types, labelling, extras)
     if rank == 0:
         part = f" ({types[0]})" if len(types) == 1 and job.scope == FIRST_SHOT else ""
         print(f"{job.study}{part}: {study.class_summary()}", flush=True)  # worker stdout reaches the driver's

@@ -1,7 +1,10 @@
-"""Log-mel feature specification and extraction (torchaudio).
+"""Feature specifications and their batched extraction: the log-mel (torchaudio) and the full-clip magnitude spectrum.
 
-``FeatureSpec`` is the cache key of the feature store: two specs that compare equal produce identical
-features. Crop variants (Rajani, 2022) are named presets of (n_mels, kept mel-bin range):
+A spec is the cache key of the feature store: two specs that compare equal produce identical features.
+``FeatureSpec`` is the log-mel every family windows; ``SpectrumSpec`` is the magnitude of one FFT over the
+whole clip (the tonal lines of rotating machines that a spectrogram's short windows blur), which a family asks
+for through its :class:`raysd.data.views.View`. Both share the extraction loop: decode once, resample, then
+each spec's ``transform()`` on the batch. ``FeatureSpec`` Crop variants (Rajani, 2022) are named presets of (n_mels, kept mel-bin range):
 
 - ``none``:  64 mels, all kept
 - ``crop``:  128 mels, bins 64-127 kept (ignores low-frequency traffic rumble)
@@ -19,12 +22,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -104,6 +108,100 @@ class FeatureSpec:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        return (self.kept_mels, self.n_frames)
+
+    def describe(self) -> str:
+        return f"log-mel {self.kept_mels} mels x {self.n_frames} frames"
+
+    def transform(self) -> torch.nn.Module:
+        return LogMel(self)
+
+
+@dataclass(frozen=True)
+class SpectrumSpec:
+    """Magnitude of the real FFT of the whole clip (``clip_seconds`` at ``sample_rate``), bins ``[f_min, f_max)``.
+
+    ``sample_rate = 0`` / ``clip_seconds = 0`` mean "as the log-mel's": a family's view asks for a spectrum
+    with only its frequency range, and :meth:`for_clips` fills in the clips' rate and length. The default
+    range drops the Nyquist bin, as Wilkinghoff (ICASSP 2023) keeps the first ``samples / 2`` bins.
+    """
+
+    sample_rate: int = 0
+    clip_seconds: float = 0.0
+    f_min: float = 0.0
+    f_max: float | None = None
+
+    kind: ClassVar[str] = "spectrum"
+
+    def __post_init__(self) -> None:
+        if self.f_min < 0 or (self.f_max is not None and self.f_max <= self.f_min):
+            raise ValueError(f"SpectrumSpec needs 0 <= f_min < f_max, got f_min={self.f_min}, f_max={self.f_max}")
+        if self.sample_rate and self.f_max is not None and self.f_max > self.sample_rate / 2:
+            raise ValueError(f"SpectrumSpec f_max={self.f_max} is above the Nyquist frequency {self.sample_rate / 2}")
+
+    def for_clips(self, base: FeatureSpec) -> SpectrumSpec:
+        """This range over clips of the base spec's rate and length."""
+        return dataclasses.replace(self, sample_rate=self.sample_rate or base.sample_rate,
+                                   clip_seconds=self.clip_seconds or base.clip_seconds)
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @property
+    def bins(self) -> tuple[int, int]:
+        """[lo, hi) of the rfft bins kept (bin k lies at k * sample_rate / clip_samples Hz)."""
+        if not self.sample_rate or not self.clip_seconds:
+            raise ValueError("SpectrumSpec.bins needs a sample rate and clip length: call for_clips(spec) first")
+        n = self.clip_samples
+        lo = math.ceil(self.f_min * n / self.sample_rate)
+        hi = n // 2 if self.f_max is None else min(n // 2, math.ceil(self.f_max * n / self.sample_rate))
+        if hi <= lo:
+            raise ValueError(f"SpectrumSpec range [{self.f_min}, {self.f_max}) Hz keeps no FFT bin of {n} samples")
+        return lo, hi
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        lo, hi = self.bins
+        return (hi - lo,)
+
+    def describe(self) -> str:
+        return f"spectrum {self.item_shape[0]} bins"
+
+    def transform(self) -> torch.nn.Module:
+        return Spectrum(self)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpectrumSpec:
+        return cls(**{k: v for k, v in d.items() if k != "kind"})
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+AnySpec = FeatureSpec | SpectrumSpec
+
+
+def spec_from_dict(d: dict) -> AnySpec:
+    """The spec a ``to_dict`` wrote (a log-mel spec's dict has no ``kind``)."""
+    return SpectrumSpec.from_dict(d) if d.get("kind") == SpectrumSpec.kind else FeatureSpec.from_dict(d)
+
+
+class Spectrum(torch.nn.Module):
+    """Waveforms (B, samples) -> magnitude spectrum (B, bins) of the whole clip, float32."""
+
+    def __init__(self, spec: SpectrumSpec):
+        super().__init__()
+        self.lo, self.hi = spec.bins
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(wave.float())[..., self.lo:self.hi].abs()
 
 
 class LogMel(torch.nn.Module):
@@ -233,31 +331,48 @@ def _scratch(rows: int, cols: int) -> np.ndarray:
     return buf[:rows]
 
 
-def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device | None = None,
+def extract(table: pd.DataFrame, spec: AnySpec, device: str | torch.device | None = None,
             batch_size: int | None = None, workers: int | None = None,
             failed: list[FailedClip] | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Log-mel of catalog rows, batched: yields, in table order, (positions in ``table`` that decoded,
-    their float32 features (k, kept_mels, n_frames)).
+    """Features of catalog rows under one spec, batched: yields, in table order, (positions in ``table`` that
+    decoded, their float32 features (k, *spec.item_shape)). See :func:`extract_all`."""
+    for ok, (out,) in extract_all(table, (spec,), device, batch_size, workers, failed):
+        yield ok, out
+
+
+def extract_all(table: pd.DataFrame, specs: Sequence[AnySpec], device: str | torch.device | None = None,
+                batch_size: int | None = None, workers: int | None = None,
+                failed: list[FailedClip] | None = None) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """Features of catalog rows under several specs of one sample rate and clip length, from one decode: yields,
+    in table order, (positions in ``table`` that decoded, one float32 array (k, *item_shape) per spec).
 
     ``workers`` threads each take a whole batch: decode it (soundfile releases the GIL), resample it
-    per native rate, and run the log-mel once on the (B, samples) stack on ``device`` (torch releases
+    per native rate, and run each spec's transform once on the (B, samples) stack on ``device`` (torch releases
     the GIL too). On CPU the threads are the parallelism: each runs torch with one intra-op thread
     (the caller's setting is untouched), which avoids OpenMP oversubscription and keeps small batches
     in cache. A clip that cannot be decoded is appended to ``failed`` and left out.
     """
+    if not specs:
+        raise ValueError("extract_all needs at least one feature spec")
+    spec = specs[0]
+    for other in specs[1:]:
+        if (other.sample_rate, other.clip_seconds) != (spec.sample_rate, spec.clip_seconds):
+            raise ValueError(f"specs extracted together must share the sample rate and clip length: "
+                             f"{spec.describe()} at {spec.sample_rate} Hz x {spec.clip_seconds} s, "
+                             f"{other.describe()} at {other.sample_rate} Hz x {other.clip_seconds} s")
     device = resolve_device(device)
     cuda = device.type == "cuda"
     batch_size = batch_size or (256 if cuda else 4)  # small CPU batches stay in cache
     workers = workers or (min(8, usable_cpus() * 2) if cuda else usable_cpus())
     failed = failed if failed is not None else []
-    logmel = LogMel(spec).to(device)
+    transforms = [s.transform().to(device) for s in specs]
     paths = table["path"].astype(str).to_numpy()
     files = table["file"].astype(str).to_numpy()
     offsets = table["offset"].to_numpy(np.int64)
     counts = table["num_samples"].to_numpy(np.int64)
     rates = table["sample_rate"].to_numpy(np.int64)
 
-    def job(lo: int, hi: int) -> tuple[list[int], np.ndarray, list[FailedClip]]:
+    def job(lo: int, hi: int) -> tuple[list[int], list[np.ndarray], list[FailedClip]]:
         if not cuda:
             torch.set_num_threads(1)  # OpenMP's thread count is per calling thread: the caller's is kept
         groups: dict[int, list[int]] = {}
@@ -286,14 +401,14 @@ def extract(table: pd.DataFrame, spec: FeatureSpec, device: str | torch.device |
             waves.append(audio.fit_length(audio.resample(w.to(device), sr, spec.sample_rate), spec.clip_samples))
             ok.extend(ix[j] for j in good)
         if not ok:
-            return [], np.zeros((0, spec.kept_mels, spec.n_frames), np.float32), bad
+            return [], [np.zeros((0, *s.item_shape), np.float32) for s in specs], bad
         with torch.inference_mode():
-            feats = logmel(waves[0] if len(waves) == 1 else torch.cat(waves))
-        out = feats.cpu().numpy()
+            wave = waves[0] if len(waves) == 1 else torch.cat(waves)
+            outs = [t(wave).cpu().numpy() for t in transforms]
         if len(groups) > 1:
             order = np.argsort(ok, kind="stable")
-            out, ok = out[order], [ok[k] for k in order]
-        return ok, out, bad
+            outs, ok = [o[order] for o in outs], [ok[k] for k in order]
+        return ok, outs, bad
 
     starts = range(0, len(table), batch_size)
     caller_threads = torch.get_num_threads()

@@ -1,6 +1,7 @@
-"""The feature store: log-mel features of every clip of a catalog, computed once per (catalog content,
-:class:`~raysd.data.features.FeatureSpec`) and cached on disk as a memory-mapped array. This module owns the
-cache's on-disk format, including the clean-up of what a killed writer leaves behind."""
+"""The feature store: the features of every clip of a catalog (a log-mel, :class:`~raysd.data.features.FeatureSpec`,
+or a full-clip spectrum, :class:`~raysd.data.features.SpectrumSpec`), computed once per (catalog content, spec) and
+cached on disk as a memory-mapped array. This module owns the cache's on-disk format, including the clean-up of
+what a killed writer leaves behind."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysd.data.features import FailedClip, FeatureSpec, extract, resolve_device
+from raysd.data.features import AnySpec, FailedClip, extract, resolve_device, spec_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,10 @@ STORE_VERSION = 1
 
 
 class FeatureStore:
-    """Log-mel features of every clip of a catalog, cached on disk as a memory-mapped float32 array.
+    """Features of every clip of a catalog under one spec, cached on disk as a memory-mapped float32 array.
 
     Layout of ``<cache_dir>/features/<catalog key>-<spec key>/``: ``features.f32`` (raw float32, C order,
-    shape ``meta['shape']`` = (clips, spec.kept_mels, spec.n_frames)), ``index.csv`` (file, offset, row)
+    shape ``meta['shape']`` = (clips, *spec.item_shape)), ``index.csv`` (file, offset, row)
     and ``meta.json`` (spec, keys, shape, failed clips). The folder is built under a temporary name and
     renamed when complete, so a folder with the final name is always a complete cache; a lock file
     keeps concurrent processes from extracting the same key twice. The temporary name carries the writer's
@@ -40,7 +41,7 @@ class FeatureStore:
     writer is no longer running on this host (a build killed mid-write leaves gigabytes otherwise).
     """
 
-    def __init__(self, path: Path, spec: FeatureSpec, features: np.ndarray, index: pd.DataFrame,
+    def __init__(self, path: Path, spec: AnySpec, features: np.ndarray, index: pd.DataFrame,
                  failed: list[FailedClip], meta: dict, extracted: bool):
         self.path = path
         self.spec = spec
@@ -63,11 +64,11 @@ class FeatureStore:
         return self.path.name
 
     @staticmethod
-    def cache_key(catalog, spec: FeatureSpec) -> str:
+    def cache_key(catalog, spec: AnySpec) -> str:
         return f"{catalog.content_key()}-{spec.key()}"
 
     @classmethod
-    def open(cls, catalog, spec: FeatureSpec, cache_dir: str | os.PathLike, device: str | torch.device | None = None,
+    def open(cls, catalog, spec: AnySpec, cache_dir: str | os.PathLike, device: str | torch.device | None = None,
              batch_size: int | None = None, workers: int | None = None) -> FeatureStore:
         """The store of (catalog, spec): read from the cache, or extracted (batched) and cached first."""
         root = Path(cache_dir).expanduser() / "features"
@@ -99,15 +100,15 @@ class FeatureStore:
         return store
 
     @classmethod
-    def _load(cls, path: Path, spec: FeatureSpec) -> FeatureStore | None:
+    def _load(cls, path: Path, spec: AnySpec) -> FeatureStore | None:
         meta_path = path / "meta.json"
         if not meta_path.exists():
             return None
         try:
             meta = json.loads(meta_path.read_text())
             shape = tuple(int(s) for s in meta["shape"])
-            expect = (spec.kept_mels, spec.n_frames)
-            if meta.get("version") != STORE_VERSION or FeatureSpec.from_dict(meta["spec"]) != spec or shape[1:] != expect:
+            expect = spec.item_shape
+            if meta.get("version") != STORE_VERSION or spec_from_dict(meta["spec"]) != spec or shape[1:] != expect:
                 raise ValueError(f"meta.json describes another spec or version (shape {shape}, expected (N, *{expect}))")
             size = (path / "features.f32").stat().st_size
             if size != int(np.prod(shape)) * 4:
@@ -126,7 +127,7 @@ class FeatureStore:
         return cls(path, spec, features, index, failed, meta, extracted=False)
 
     @staticmethod
-    def _build(path: Path, catalog, spec: FeatureSpec, device: torch.device, batch_size: int | None,
+    def _build(path: Path, catalog, spec: AnySpec, device: torch.device, batch_size: int | None,
                workers: int | None) -> None:
         table = catalog.table
         t0 = time.perf_counter()
@@ -148,7 +149,7 @@ class FeatureStore:
         index.to_csv(path / "index.csv", index=False)
         meta = {
             "version": STORE_VERSION, "catalog_key": catalog.content_key(), "spec_key": spec.key(),
-            "spec": spec.to_dict(), "shape": [len(rows), spec.kept_mels, spec.n_frames], "dtype": "float32",
+            "spec": spec.to_dict(), "shape": [len(rows), *spec.item_shape], "dtype": "float32",
             "clips": len(table), "failed": [[fc.file, fc.offset, fc.reason] for fc in failed],
             "device": str(device), "seconds": round(time.perf_counter() - t0, 3),
             "root": str(getattr(catalog, "root", "")), "layout": str(getattr(catalog, "layout", "")),
@@ -176,10 +177,10 @@ class FeatureStore:
         return rows
 
     def get(self, table: pd.DataFrame) -> torch.Tensor:
-        """Features of catalog rows as a float32 tensor (N, kept_mels, n_frames), in the table's order."""
+        """Features of catalog rows as a float32 tensor (N, *spec.item_shape), in the table's order."""
         rows = self.row_of(table)
         if len(rows) == 0:
-            return torch.zeros(0, self.spec.kept_mels, self.spec.n_frames)
+            return torch.zeros(0, *self.spec.item_shape)
         order = np.argsort(rows, kind="stable")
         out = np.empty((len(rows),) + self.features.shape[1:], np.float32)
         out[order] = self.features[rows[order]]

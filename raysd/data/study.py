@@ -76,6 +76,7 @@ class StudyData:
     heldout_x: torch.Tensor | None = None  # clips held out from training (split 'heldout'), for held-out loss
     heldout_table: pd.DataFrame | None = None
     machine_types: tuple[str, ...] = ()
+    extra_stores: tuple[FeatureStore, ...] = ()  # the view's per-clip extra features (read per split on demand)
 
     @property
     def has_heldout(self) -> bool:
@@ -83,7 +84,7 @@ class StudyData:
 
     def _set(self, x: torch.Tensor, table: pd.DataFrame, view: View) -> ClipSet:
         labels, sections, domains = encode(table, self.info)
-        return ClipSet(x, labels, view, sections, domains)
+        return ClipSet(x, labels, view, sections, domains, [store.get(table) for store in self.extra_stores])
 
     @property
     def train_y(self) -> torch.Tensor:
@@ -120,9 +121,11 @@ def _present(store: FeatureStore, table: pd.DataFrame, what: str) -> pd.DataFram
     return table[rows >= 0].reset_index(drop=True)
 
 
-def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str], labelling: str = "section") -> StudyData:
+def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str], labelling: str = "section",
+               extra_stores: Sequence[FeatureStore] = ()) -> StudyData:
     """Training and test data of one machine type, or of several (one model for all), from a catalog and its
-    feature store, with class labels under ``labelling``."""
+    feature store, with class labels under ``labelling``; ``extra_stores`` hold the view's per-clip extra
+    features (of the same catalog)."""
     t = catalog.table
     found = sorted(t["machine_type"].unique().tolist())
     wanted = [machine_types] if isinstance(machine_types, str) else list(machine_types)
@@ -141,10 +144,14 @@ def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str],
     if train.empty:
         raise ValueError(f"{where} has no training clips with features in {catalog.root}")
     spec = store.spec
+    if not isinstance(spec, FeatureSpec):
+        raise TypeError(f"load_study needs the log-mel store, got one of {spec.describe()}")
     classes = tuple(sorted(set(class_keys(train, labelling))))
     info = DataInfo(n_mels=spec.kept_mels, n_frames=spec.n_frames, n_classes=len(classes), class_names=classes,
                     sample_rate=spec.sample_rate, f_max=float(spec.f_max or spec.sample_rate / 2), labelling=labelling,
-                    section_names=tuple(sorted(set(section_keys(train)))))
+                    section_names=tuple(sorted(set(section_keys(train)))),
+                    extra_shapes=tuple(s.spec.item_shape for s in extra_stores))
     held = _present(store, mine[mine["split"] == "heldout"], f"{where} held-out")
     return StudyData(name, spec, info, store.get(train), train, store.get(test), test,
-                     store.get(held) if len(held) else None, held if len(held) else None, tuple(wanted))
+                     store.get(held) if len(held) else None, held if len(held) else None, tuple(wanted),
+                     tuple(extra_stores))

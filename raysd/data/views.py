@@ -4,6 +4,10 @@ Every view is a window of ``frames`` consecutive log-mel frames, taken every ``h
 ``vector`` layout flattens a window frame by frame (the DCASE 2020 baseline's 5 x 128 = 640 vectors);
 the ``image`` layout keeps it as a 1-channel image of shape (1, n_mels, frames).
 
+A view may also ask for per-clip features beside its windows (``extras``, e.g. the full-clip magnitude
+spectrum, :class:`raysd.data.features.SpectrumSpec`): every window of a clip comes with them (see
+:class:`raysd.families.clips.ClipSet`), and the feature store caches them like the log-mel.
+
 Windows are gathered by index from a frame-major copy of the clips, so a batch of windows costs one
 indexed read and no per-clip Python loop; this works the same on CPU and on a device-resident tensor.
 """
@@ -15,16 +19,24 @@ from typing import Literal
 
 import torch
 
+from raysd.data.features import FeatureSpec, SpectrumSpec
+
 Layout = Literal["vector", "image"]
 
 
 @dataclass(frozen=True)
 class View:
-    """``frames=0`` means the whole clip (one window per clip)."""
+    """``frames=0`` means the whole clip (one window per clip); ``extras`` are per-clip features each window comes
+    with, their clip rate and length left open (filled from the log-mel's by :meth:`extra_specs`)."""
 
     frames: int
     hop: int = 1
     layout: Layout = "vector"
+    extras: tuple[SpectrumSpec, ...] = ()
+
+    def extra_specs(self, base: FeatureSpec) -> list[SpectrumSpec]:
+        """The specs of the extra features for clips featurised with ``base``."""
+        return [e.for_clips(base) for e in self.extras]
 
     def __post_init__(self) -> None:
         if self.frames < 0 or self.hop < 1:

@@ -1,8 +1,8 @@
 """Model families. Each family is one module here, registered by ``@register``; one import line each."""
 
-import raysd.families.conv_ae  # noqa: F401,E402
-
 # registry: one line per family
+import raysd.families.adacos_knn  # noqa: F401,E402
+import raysd.families.conv_ae  # noqa: F401,E402
 import raysd.families.dense_ae  # noqa: F401,E402
 import raysd.families.group_made  # noqa: F401,E402
 import raysd.families.id_classifier  # noqa: F401,E402

@@ -229,7 +229,8 @@ def recalibrate_batchnorm(model: nn.Module, data: ClipSet, max_windows: int = 16
         order = order[:-1]  # a batch of one window has no variance
     try:
         for i in range(0, order.numel(), batch_size):
-            model(data.batch(order[i:i + batch_size].to(data.device)).x)
+            batch = data.batch(order[i:i + batch_size].to(data.device))
+            model(batch.x, extra=batch.extra) if batch.extra else model(batch.x)
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum

@@ -70,16 +70,18 @@ class Family:
         raise NotImplementedError
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
-              sections: torch.Tensor | None = None) -> torch.Tensor:
-        """One anomaly score per clip from its windows (B, P, *shape), given each clip's class (``labels``) and
-        section index (``sections``, see :class:`ClipSet`): by default the mean window score."""
+              sections: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """One anomaly score per clip from its windows (B, P, *shape), given each clip's class (``labels``),
+        section index (``sections``, see :class:`ClipSet`) and its view's extra features (``extra``, (B, *shape)
+        each): by default the mean window score."""
         b, p = windows.shape[:2]
         x = windows.reshape(b * p, *windows.shape[2:])
         s = self.window_scores(model, x, labels.repeat_interleave(p))
         return s.reshape(b, p).float().mean(dim=1)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Bottleneck embedding per window, for families that have one (else None)."""
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | None:
+        """Bottleneck embedding per window (``extra``: the view's extra features of each window's clip), for
+        families that have one (else None)."""
         return None
 
     def before_training(self, model: nn.Module, data: ClipSet) -> None:

@@ -1,5 +1,5 @@
 """Building blocks shared by several model families: input standardisation, dense stacks, U-Net blocks,
-and numerically safe helpers (float32 islands inside autocast, Gaussian statistics)."""
+ResNet-like residual stages, and numerically safe helpers (float32 islands inside autocast, Gaussian statistics)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,37 @@ def dense_stack(dims: Sequence[int], norm: bool = True, last_act: bool = True) -
             if norm:
                 layers.append(nn.BatchNorm1d(b))
             layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock2d(nn.Module):
+    """Pre-activation residual block (He et al., "Identity mappings in deep residual networks", ECCV 2016):
+    BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 added to a shortcut; where the shape changes, the shortcut is a
+    max-pool and a 1x1 convolution, as in Wilkinghoff's embedding networks (ICASSP 2023). No biases: every
+    convolution is followed by a BatchNorm or the sum."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.pre = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            pool = nn.MaxPool2d(stride, stride, ceil_mode=True) if stride != 1 else nn.Identity()
+            self.shortcut = nn.Sequential(pool, nn.Conv2d(c_in, c_out, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.body(self.pre(x))
+
+
+def resnet_stages(c_in: int, channels: Sequence[int], blocks: int = 2) -> nn.Sequential:
+    """Stages of ``blocks`` residual blocks each; every stage but the first halves both axes (stride 2)."""
+    layers: list[nn.Module] = []
+    for i, c in enumerate(channels):
+        for j in range(blocks):
+            layers.append(ResidualBlock2d(c_in, c, 2 if i > 0 and j == 0 else 1))
+            c_in = c
     return nn.Sequential(*layers)
 
 

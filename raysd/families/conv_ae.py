@@ -112,6 +112,6 @@ class ConvAEFamily(StandardizedInput, Family):
             return net.stats.distance(z)
         return (recon.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(ConvAE, model)
         return net.encode(net.norm(x))[0]

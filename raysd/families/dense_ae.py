@@ -68,6 +68,6 @@ class DenseAEFamily(StandardizedInput, Family):
         recon, target = model(x)
         return (recon.float() - target.float()).pow(2).mean(dim=1)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(DenseAE, model)
         return net.encoder(net.prepare(x))

@@ -204,13 +204,13 @@ class IdClassifierFamily(Family):
         recalibrate_batchnorm(model, data, self.hp.precise_bn)
         net = cast(IdClassifierNet, model)
         if net.knn is not None:
-            fit_scorer(net.knn, net.features, data)
+            fit_scorer(net.knn, lambda w, _: clip_embeddings(net.features, w), data)
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
-              sections: torch.Tensor | None = None) -> torch.Tensor:
+              sections: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(IdClassifierNet, model)
         if net.knn is None:
-            return super().score(model, windows, labels, sections)
+            return super().score(model, windows, labels, sections, extra)
         return net.knn(clip_embeddings(net.features, windows), labels if sections is None else sections)
 
     def class_log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +226,6 @@ class IdClassifierFamily(Family):
         true = logp.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
         return -torch.where(y >= 0, true, logp.max(dim=1).values)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(IdClassifierNet, model)
         return net.features(x)

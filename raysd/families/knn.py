@@ -132,10 +132,11 @@ def clip_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], windows: torc
 
 
 @torch.no_grad()
-def fit_scorer(scorer: KnnScorer, embed: Callable[[torch.Tensor], torch.Tensor], data: ClipSet,
-               clips_per_batch: int = 64) -> KnnScorer:
-    """Fit ``scorer`` on the clip embeddings of ``data`` with its sections and domains."""
+def fit_scorer(scorer: KnnScorer, embed_clips: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor],
+               data: ClipSet, clips_per_batch: int = 64) -> KnnScorer:
+    """Fit ``scorer`` on the clip embeddings of ``data`` with its sections and domains; ``embed_clips`` maps
+    a batch of clips' windows (B, P, *shape) and their extra features to embeddings (B, D)."""
     if len(data) == 0:
         raise ValueError("kNN scoring needs training clips to fit on")
-    emb = torch.cat([clip_embeddings(embed, w) for _, w, _ in data.clip_batches(clips_per_batch)])
+    emb = torch.cat([embed_clips(w, data.extra_of(idx)) for idx, w, _ in data.clip_batches(clips_per_batch)])
     return scorer.fit(emb, data.sections, data.domains)

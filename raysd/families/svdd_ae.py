@@ -169,6 +169,6 @@ class SVDDAEFamily(StandardizedInput, Family):
             raise RuntimeError("svdd_ae: the centre is not set; run before_training (Trainer.fit) first")
         return net(x, y)["dist"]
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(SVDDAE, model)
         return net.encode(net.norm(x))[0].flatten(1)

@@ -153,7 +153,7 @@ class TripletFamily(Family):
             return e.sum() * 0.0  # keeps every parameter in the graph (DDP) while contributing nothing
         return F.triplet_margin_loss(e[a], e[p], e[n], margin=self.hp.margin)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         return model(x)
 
     def clip_embeddings(self, model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ class TripletFamily(Family):
         net = cast(TripletNet, model)
         recalibrate_batchnorm(net, data, self.hp.precise_bn)
         if net.knn is not None:
-            fit_scorer(net.knn, net, data)
+            fit_scorer(net.knn, lambda w, _: clip_embeddings(net, w), data)
             return
         emb = torch.cat([self.clip_embeddings(net, w) for _, w, _ in data.clip_batches(64)]) if len(data) else \
             torch.zeros(0, net.refs.shape[-1])
@@ -188,7 +188,7 @@ class TripletFamily(Family):
         net.ref_mask.copy_(mask)
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
-              sections: torch.Tensor | None = None) -> torch.Tensor:
+              sections: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(TripletNet, model)
         if net.knn is not None:
             return net.knn(self.clip_embeddings(net, windows), labels if sections is None else sections)

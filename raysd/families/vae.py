@@ -88,6 +88,6 @@ class VAEFamily(StandardizedInput, Family):
             return (0.5 * se + self.hp.beta * kl) / target.shape[1]
         return se / target.shape[1]
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(VAE, model)
         return net.encode(net.norm(x))[0]

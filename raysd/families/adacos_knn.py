@@ -1,0 +1,233 @@
+"""The record-holding recipe of DCASE Task 2 since 2021 as a family: a two-branch embedding trained across every
+machine type on auxiliary labels with sub-cluster AdaCos, scored by kNN (Wilkinghoff, "Sub-cluster AdaCos:
+learning representations for anomalous sound detection", IJCNN 2021; "Design choices for learning embeddings from
+auxiliary tasks for domain generalization in anomalous sound detection", ICASSP 2023).
+
+- The **spectrum branch** is a 1-D CNN on the magnitude of one FFT over the whole clip (a
+  :class:`raysd.data.features.SpectrumSpec` the view asks for, cached like the log-mel): strided convolutions,
+  dense layers, a bias-free embedding layer. One FFT over 10 s resolves the fine tonal lines of rotating machines.
+- The **spectrogram branch** is a ResNet-like 2-D CNN (:func:`raysd.families.blocks.resnet_stages`) on the whole
+  clip's log-mel with its mean over time removed (a per-clip, per-band normalisation) and each band batch-normed;
+  its feature map is max-pooled over time and flattened into a bias-free embedding layer.
+- The two embeddings are concatenated. Training classifies the auxiliary labels (:class:`AuxTaskConfig`'s
+  ``labels``, over the whole data set by default) with a sub-cluster AdaCos or AdaProj head
+  (:mod:`raysd.families.heads`, fixed random centres), with mixup between clips.
+- A clip's anomaly score is the cosine distance of its embedding to the nearest training embeddings of its
+  section, per domain (:class:`raysd.families.knn.KnnScorer`, k-means centres for the source domain).
+
+Defaults are the published ones (ICASSP 2023 code): 128-dimensional embeddings per branch, 16 sub-clusters, mixup
+on every batch, batch size 64, Adam at 1e-3 with an L2 weight decay of 1e-5, 10 epochs, 16 source-domain means.
+Where raysd differs, it is because its features are cached rather than computed from the waveform in the
+network: the spectrogram branch reads the log-mel (the published one a linear-frequency magnitude STFT), and
+mixup mixes the cached inputs (log-mels in the power domain, spectra as magnitudes, with the same proportion)
+instead of the waveforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysd.data.features import SpectrumSpec
+from raysd.data.views import View
+from raysd.families.augment import (
+    mix_pre_log,
+    mixup_targets,
+    pick_partners,
+    recalibrate_batchnorm,
+    sample_lambda,
+    soft_cross_entropy,
+)
+from raysd.families.base import Family, register
+from raysd.families.blocks import dense_stack, resnet_stages
+from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.heads import make_head
+from raysd.families.hparams import AuxTaskConfig, Labelling, Scope
+from raysd.families.knn import KnnScorer, fit_scorer
+
+Branches = Literal["both", "spectrum", "spectrogram"]
+Extra = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class AdacosKnnConfig(AuxTaskConfig):
+    scope: Scope = "dataset"
+    labels: Labelling = "attribute"
+    branches: Branches = "both"
+    emb_size: int = 128  # per branch: the embedding is twice as wide with both
+    head: Literal["adacos", "adaproj"] = "adacos"
+    sub_clusters: int = 16  # adacos: centres per class; adaproj: dimension of each class's subspace
+    mixup_prob: float = 1.0  # share of each batch replaced by a mixture with another clip
+    spectrum_f_min: float = 0.0
+    spectrum_f_max: float | None = None  # None: up to the Nyquist frequency
+    conv_channels: int = 128  # spectrum branch
+    dense_layers: int = 4  # spectrum branch, 128 wide each
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # spectrogram branch: one residual stage each
+    blocks: int = 2  # residual blocks per stage
+    precise_bn: int = 4096  # training clips to recompute BatchNorm statistics with after training; 0 = off
+
+    def validate(self) -> None:
+        super().validate()
+        if self.emb_size < 1 or self.sub_clusters < 1 or self.conv_channels < 1 or self.blocks < 1:
+            raise ValueError(f"emb_size, sub_clusters, conv_channels and blocks must be >= 1, got {self.emb_size}, "
+                             f"{self.sub_clusters}, {self.conv_channels}, {self.blocks}")
+        if not 0 <= self.mixup_prob <= 1:
+            raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
+        if self.dense_layers < 0 or not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"dense_layers must be >= 0 and channels positive, got {self.dense_layers}, "
+                             f"{list(self.channels)}")
+        if self.precise_bn < 0:
+            raise ValueError(f"precise_bn must be >= 0, got {self.precise_bn}")
+        SpectrumSpec(f_min=self.spectrum_f_min, f_max=self.spectrum_f_max)  # checks the range
+
+
+class SpectrumBranch(nn.Module):
+    """Magnitude spectrum (B, bins) -> embedding (B, emb): input BatchNorm, three strided 1-D convolutions
+    (kernels 256 / 64 / 16, strides 64 / 32 / 4), dense layers, bias-free projection."""
+
+    KERNELS = ((256, 64), (64, 32), (16, 4))
+
+    def __init__(self, n_bins: int, emb: int, channels: int, dense_layers: int):
+        super().__init__()
+        self.min_bins = 1  # shorter spectra are zero-padded to the length the strided kernels need
+        for k, s in reversed(self.KERNELS):
+            self.min_bins = (self.min_bins - 1) * s + k - 2 * ((k - s) // 2)
+        self.norm = nn.BatchNorm1d(1)
+        layers: list[nn.Module] = []
+        c_in = 1
+        for k, s in self.KERNELS:
+            layers += [nn.Conv1d(c_in, channels, k, s, padding=(k - s) // 2, bias=False), nn.ReLU()]
+            c_in = channels
+        self.conv = nn.Sequential(*layers)
+        with torch.no_grad():
+            width = self.conv(torch.zeros(1, 1, max(n_bins, self.min_bins))).shape[1:].numel()
+        self.dense = dense_stack([width, *[128] * dense_layers]) if dense_layers else nn.Identity()
+        self.out = nn.Linear(128 if dense_layers else width, emb, bias=False)
+
+    def forward(self, spectrum: torch.Tensor) -> torch.Tensor:
+        x = spectrum.unsqueeze(1)
+        if x.shape[-1] < self.min_bins:
+            x = F.pad(x, (0, self.min_bins - x.shape[-1]))
+        return self.out(self.dense(self.conv(self.norm(x)).flatten(1)))
+
+
+class SpectrogramBranch(nn.Module):
+    """Whole-clip log-mel (B, 1, M, T) -> embedding (B, emb): mean over time removed, BatchNorm per band, a 7x7
+    stride-2 stem and max-pool, residual stages, max over time, BatchNorm, bias-free projection."""
+
+    def __init__(self, n_mels: int, n_frames: int, emb: int, channels: tuple[int, ...], blocks: int):
+        super().__init__()
+        self.band_norm = nn.BatchNorm1d(n_mels)
+        self.stem = nn.Sequential(nn.Conv2d(1, channels[0], 7, 2, 3, bias=False), nn.BatchNorm2d(channels[0]),
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stages = resnet_stages(channels[0], channels, blocks)
+        with torch.no_grad():
+            width = self._pooled(torch.zeros(2, 1, n_mels, n_frames)).shape[1]
+        self.flat_norm = nn.BatchNorm1d(width)
+        self.out = nn.Linear(width, emb, bias=False)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x)).amax(dim=-1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(dim=-1, keepdim=True)
+        x = self.band_norm(x[:, 0]).unsqueeze(1)
+        return self.out(self.flat_norm(self._pooled(x)))
+
+
+class AdacosKnnNet(nn.Module):
+    """The branches, the margin head and the kNN scorer (its bank travels in the ``state_dict``)."""
+
+    def __init__(self, info: DataInfo, hp: AdacosKnnConfig):
+        super().__init__()
+        self.spectrum: SpectrumBranch | None = None
+        self.spectrogram: SpectrogramBranch | None = None
+        if hp.branches != "spectrogram":
+            if not info.extra_shapes:
+                raise ValueError("adacos_knn's spectrum branch needs the full-clip spectrum: the data description has "
+                                 "no extra feature (build the study with the family's view)")
+            self.spectrum = SpectrumBranch(info.extra_shapes[0][0], hp.emb_size, hp.conv_channels, hp.dense_layers)
+        if hp.branches != "spectrum":
+            self.spectrogram = SpectrogramBranch(info.n_mels, info.n_frames, hp.emb_size, hp.channels, hp.blocks)
+        width = hp.emb_size * (2 if hp.branches == "both" else 1)
+        self.n_classes = info.n_classes
+        self.head = make_head(hp.head, width, info.n_classes, sub_clusters=hp.sub_clusters)
+        self.mixup_prob = hp.mixup_prob
+        self.knn = KnnScorer(hp.knn_k, hp.knn_means, seed=0)
+
+    def embed(self, x: torch.Tensor, extra: Extra) -> torch.Tensor:
+        parts = []
+        if self.spectrum is not None:
+            parts.append(self.spectrum(extra[0]))
+        if self.spectrogram is not None:
+            parts.append(self.spectrogram(x))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def mix(self, x: torch.Tensor, extra: Extra, y: torch.Tensor) -> tuple[torch.Tensor, Extra, torch.Tensor]:
+        """Mixup between clips: a ``mixup_prob`` share of the batch is mixed with a partner of another class, the
+        log-mels in the power domain and the spectra as magnitudes, with one uniform proportion per clip."""
+        partner, ok = pick_partners(y)
+        chosen = (torch.rand(len(y), device=y.device) < self.mixup_prob) & ok
+        lam = sample_lambda(len(y), "uniform", 1.0, y.device)
+        lam = torch.where(chosen, lam, torch.ones_like(lam))
+        w = lam.to(x.dtype)
+        mixed_extra = tuple(w.view(-1, *[1] * (e.ndim - 1)) * e + (1 - w.view(-1, *[1] * (e.ndim - 1))) * e[partner]
+                            for e in extra)
+        return mix_pre_log(x, x[partner], lam), mixed_extra, mixup_targets(y, y[partner], lam, self.n_classes)
+
+    def forward(self, x: torch.Tensor, extra: Extra = (), target: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits over the classes; with ``labels`` (training), the inputs are mixed first and (logits, target
+        distributions) returned."""
+        if labels is not None:
+            x, extra, target = self.mix(x, extra, labels)
+            return self.head(self.embed(x, extra), target), target
+        return self.head(self.embed(x, extra), target)
+
+
+def clip_embeddings(net: AdacosKnnNet, windows: torch.Tensor, extra: Extra) -> torch.Tensor:
+    """(B, P, *shape) windows with their clips' extra features -> (B, D) mean window embeddings."""
+    b, p = windows.shape[:2]
+    per_window = tuple(e.repeat_interleave(p, dim=0) for e in extra)
+    return net.embed(windows.reshape(b * p, *windows.shape[2:]), per_window).float().reshape(b, p, -1).mean(dim=1)
+
+
+@register
+class AdacosKnnFamily(Family):
+    name = "adacos_knn"
+    Config = AdacosKnnConfig
+    description = ("two-branch (full-clip spectrum + spectrogram) embedding, sub-cluster AdaCos on auxiliary labels, "
+                   "kNN score (Wilkinghoff)")
+    layout = "image"
+
+    def view(self) -> View:
+        hp = self.hp
+        extras = () if hp.branches == "spectrogram" else (SpectrumSpec(f_min=hp.spectrum_f_min, f_max=hp.spectrum_f_max),)
+        return View(frames=0, hop=1, layout="image", extras=extras)
+
+    def build(self, info: DataInfo) -> nn.Module:
+        if info.n_classes < 2:
+            raise ValueError(f"adacos_knn needs at least 2 classes, but the training data has {info.n_classes} "
+                             f"({info.labelling}); choose labels that split the data further (type_section or attribute)")
+        return AdacosKnnNet(info, self.hp)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits, target = model(batch.x, extra=batch.extra, labels=batch.y)
+        return soft_cross_entropy(logits, target)
+
+    def after_training(self, model: nn.Module, data: ClipSet) -> None:
+        net = cast(AdacosKnnNet, model)
+        recalibrate_batchnorm(net, data, self.hp.precise_bn, batch_size=64)
+        fit_scorer(net.knn, lambda w, e: clip_embeddings(net, w, e), data)
+
+    def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
+              sections: torch.Tensor | None = None, extra: Extra = ()) -> torch.Tensor:
+        net = cast(AdacosKnnNet, model)
+        return net.knn(clip_embeddings(net, windows, extra), labels if sections is None else sections)
+
+    def embed(self, model: nn.Module, x: torch.Tensor, extra: Extra = ()) -> torch.Tensor:
+        return cast(AdacosKnnNet, model).embed(x, extra)
