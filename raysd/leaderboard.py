@@ -10,7 +10,10 @@ each finished trial's last checkpoint, and writes to ``--out``:
 - ``best_models.csv``: the best finished trial of each (machine type, family) by the search metric;
 - ``ensembles.csv``: per machine type, standardised-score ensembles (Giri et al.) of (a) the best trial of each
   family and (b) greedy forward selection with replacement over the top trials, each combined by mean and by
-  max, beside the best single model; rows ``(all)`` aggregate over machine types by the official rule;
+  max, and (c) the mean of each seed ensemble (``seeds:<study>``: a study's trials whose hyperparameters differ
+  in ``seed`` alone, e.g. a preset entry's ``repeats``, with the mean and best of its members' own figures),
+  beside the best single model; rows ``(all)`` aggregate over machine types by the official rule;
+- ``seed_ensembles.csv``: each seed ensemble's figures followed by each of its members' own;
 - ``ensemble.json`` (the chosen model per machine type, for ``python -m raysd.score``), ``ensemble_scores.csv``
   (its per-clip scores and decisions), ``submission/`` (official DCASE files), ``summary.md`` and PNG plots.
 
@@ -54,6 +57,7 @@ from raysd.report.ensembles import (
     ensembles_for_type,
     ensembles_table,
     member_label,
+    seed_table,
 )
 from raysd.report.experiment import LeaderboardError, load_experiment
 from raysd.report.markdown import fmt, summary_markdown
@@ -134,6 +138,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                 notes.append(f"{mt}: only one family finished, so no best-of-each-family ensemble")
     ens = ensembles_table(exp, per_type, chosen) if per_type else pd.DataFrame()
     files.append(atomic_write_csv(ens, out / "ensembles.csv"))
+    seeds = seed_table(exp, per_type)
+    files.append(atomic_write_csv(seeds, out / "seed_ensembles.csv"))
 
     plot_files: dict[str, list[str]] = {}
     if chosen:
@@ -166,7 +172,7 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                                                 doc["machine_types"][mt]["threshold"])]
                 plot_files[mt] = [p.name for p in made if p is not None]
                 files += [p for p in made if p is not None]
-    text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out)
+    text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out, seeds)
     files.append(atomic_write_text(out / "summary.md", text))
     return Report(out, board, best, ens, chosen, files, unlabelled.reports if unlabelled else {})
 

@@ -7,6 +7,18 @@ is allowed.
 A search-space entry is either a fixed value or one of::
 
     {loguniform: [lo, hi]}   {uniform: [lo, hi]}   {randint: [lo, hi]}   {choice: [a, b, ...]}
+
+A family entry may also say
+
+- ``points_to_evaluate: [{key: value, ...}, ...]``: configurations Optuna tries first, in order (e.g. the
+  family's published defaults), before its sampler takes over. A point names searched keys only; a searched
+  key it leaves out takes the family's default (its ``Config`` or :class:`TrainHP` field default) when that
+  lies inside the searched distribution, else the point must give it (Ray's ``OptunaSearch`` needs a value
+  for every searched key, and a value Optuna could not sample would mislead its sampler);
+- ``repeats: N``: train the entry's one configuration N times, with seeds ``seed, seed + 1, ...`` (``seed``
+  the space's fixed value, else :class:`TrainHP`'s default), as a Ray Tune grid over ``seed``; the
+  leaderboard then offers the N trials' seed ensemble. The space must be fixed (Optuna samples no grid), and
+  ``num_samples`` defaults to 1: a study trains ``num_samples x repeats`` trials.
 """
 
 from __future__ import annotations
@@ -65,6 +77,22 @@ class FamilySearch:
     epochs: int
     scope: str = "machine_type"  # the family's scope under this space (fixed: never searched)
     entry: str = ""  # its name under 'families:' (the family's name unless the entry says 'family: NAME')
+    repeats: int = 1  # the configuration trained this many times, one seed each (a fixed space only)
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # complete points: every searched key
+
+    @property
+    def searched(self) -> bool:
+        """Whether Optuna samples anything (else Tune repeats the one configuration)."""
+        return any(isinstance(v, dict) for v in self.space.values())
+
+    def seeds(self) -> list[int]:
+        """The seeds of the repeats: the space's fixed seed (else TrainHP's default) and the next ones."""
+        base = self.space.get("seed", TrainHP.seed)
+        return [int(base) + i for i in range(self.repeats)]
+
+    def trials(self, num_samples: int | None = None) -> int:
+        """Trials of one study: Ray Tune runs ``num_samples`` times the seed grid of the repeats."""
+        return (num_samples or self.num_samples) * self.repeats
 
 
 @dataclass
@@ -185,6 +213,84 @@ def _check_entry(path: Path, fam: str, key: str, entry: Any, family_cls, context
         raise _err(path, full, str(e)) from None
 
 
+def _check_repeats(path: Path, fam: str, repeats: int, space: dict[str, Any]) -> None:
+    """Repeats train one configuration with several seeds: a Tune grid, which Optuna cannot sample beside."""
+    searched = [k for k, v in space.items() if isinstance(v, dict)]
+    if repeats == 1 or not searched:
+        return
+    if "seed" in searched:
+        raise _err(path, f"families.{fam}.repeats", "repeats sets the seeds itself (seed, seed + 1, ...), so `seed` "
+                                                    "cannot be searched beside it: fix seed (the first one) or drop repeats")
+    raise _err(path, f"families.{fam}.repeats", f"repeats needs a fixed space: fix every value (the configuration "
+                                                f"to repeat), or drop repeats and search `seed` as a choice; searched here: {searched}")
+
+
+def _field_default(cls: type, key: str) -> Any:
+    f = config_fields(cls)[key]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _in_distribution(entry: dict, value: Any) -> tuple[bool, Any]:
+    """Whether ``value`` can be drawn from a distribution entry, and the value as Optuna would draw it."""
+    (dist, args), = entry.items()
+    if dist == "choice":
+        same = [a for a in args if a == value and isinstance(a, bool) == isinstance(value, bool)]
+        return bool(same), same[0] if same else value
+    if isinstance(value, bool):
+        return False, value
+    if dist == "randint":
+        return isinstance(value, int) and int(args[0]) <= value < int(args[1]), value
+    try:
+        v = float(value)  # YAML 1.1 reads 1e-3 as a string
+    except (TypeError, ValueError):
+        return False, value
+    return float(args[0]) <= v <= float(args[1]), v
+
+
+def _points(path: Path, fam: str, raw: Any, space: dict[str, Any], family_cls) -> list[dict[str, Any]]:
+    """An entry's ``points_to_evaluate``, checked and completed with the family's defaults (module docstring)."""
+    where = f"families.{fam}.points_to_evaluate"
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise _err(path, where, f"must be a list of mappings of searched keys to values, got {raw!r}")
+    searched = {k: v for k, v in space.items() if isinstance(v, dict)}
+    if raw and not searched:
+        raise _err(path, where, "the space searches nothing (every value is fixed): there is no point to start from")
+    allowed = {**config_fields(TrainHP), **config_fields(family_cls.Config)}
+    family_keys = config_fields(family_cls.Config)
+    points: list[dict[str, Any]] = []
+    for i, point in enumerate(raw):
+        for key in point:
+            if key not in searched:
+                what = "fixed in the space" if key in space else "not in the space"
+                raise _err(path, f"{where}[{i}].{key}", f"{what}; a point gives searched keys only: {sorted(searched)}")
+        full: dict[str, Any] = {}
+        for key, entry in searched.items():
+            given = key in point
+            value = point[key] if given else _field_default(TrainHP if key in config_fields(TrainHP) else
+                                                             family_cls.Config, key)
+            if value is dataclasses.MISSING:
+                raise _err(path, f"{where}[{i}].{key}", "not given, and the family has no default for it: give it")
+            ok, value = _in_distribution(entry, value)
+            if not ok:
+                raise _err(path, f"{where}[{i}].{key}", f"{value!r} is outside the searched {entry}" if given else
+                           f"not given, and the family's default {value!r} is outside the searched {entry}: give it")
+            full[key] = value
+        for key, value in full.items():
+            context = {**_context(space, family_cls, key), **{k: v for k, v in full.items() if k != key and k in family_keys}}
+            try:
+                _check_value(path, key, value, allowed, family_cls, context)
+            except ValueError as e:
+                raise _err(path, f"{where}[{i}].{key}", str(e)) from None
+        if full in points:
+            raise _err(path, f"{where}[{i}]", f"the same configuration as points_to_evaluate[{points.index(full)}]")
+        points.append(full)
+    return points
+
+
 def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) -> Any:
     value = raw.get(key, {}) or {}
     if not isinstance(value, dict):
@@ -199,7 +305,7 @@ def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) ->
         raise _err(path, key, str(e)) from None
 
 
-FAMILY_KEYS = ("family", "space", "num_samples", "epochs")
+FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate")
 TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
             "max_failures", "families", "machine_types", "heldout", "rule", "first_shot"}
 
@@ -276,13 +382,19 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
                 raise
             except ValueError as e:
                 raise _err(path, f"families.{fam}.space.{key}", str(e)) from None
-        num_samples = body.get("num_samples", 4)
+        repeats = body.get("repeats", 1)
+        num_samples = body.get("num_samples", 4 if repeats == 1 else 1)
         epochs = body.get("epochs", TrainHP.epochs)
-        for k, v in (("num_samples", num_samples), ("epochs", epochs)):
-            if not isinstance(v, int) or v < 1:
+        for k, v in (("num_samples", num_samples), ("epochs", epochs), ("repeats", repeats)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _err(path, f"families.{fam}.{k}", f"must be a positive integer, got {v!r}")
+        _check_repeats(path, fam, repeats, space)
+        points = _points(path, fam, body.get("points_to_evaluate"), space, family_cls)
+        if len(points) > num_samples:
+            raise _err(path, f"families.{fam}.num_samples", f"{num_samples} trial(s) cannot start from "
+                                                            f"{len(points)} points_to_evaluate")
         scope = family_cls(family_cls.Config(**_context(space, family_cls, ""))).scope()
-        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam)
+        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points)
 
     machine_types = raw.get("machine_types")
     if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
@@ -325,5 +437,7 @@ def tune_space(search: FamilySearch) -> dict[str, Any]:
                 out[key] = tune.randint(int(args[0]), int(args[1]))
         else:
             out[key] = entry
+    if search.repeats > 1:
+        out["seed"] = tune.grid_search(search.seeds())
     out["epochs"] = search.epochs
     return out

@@ -67,8 +67,12 @@ class Plan:
     studies: list[StudyJob]
     num_samples: dict[str, int]
 
+    def trials(self, job: StudyJob) -> int:
+        """Trials of one study: Tune's ``num_samples`` times the entry's repeats."""
+        return self.preset.families[job.search_entry].trials(self.num_samples[job.study])
+
     def trials_total(self) -> int:
-        return sum(self.num_samples[s.study] for s in self.studies)
+        return sum(self.trials(s) for s in self.studies)
 
 
 def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: bool = False) -> Path:
@@ -158,7 +162,7 @@ def print_plan(plan: Plan, epochs: dict[str, int], res: Resources) -> None:
     print(f"metric {plan.preset.metric} ({plan.preset.mode}), rule {plan.preset.rule}, scheduler {plan.preset.scheduler.type}")
     print(f"{'study':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for s in plan.studies:
-        print(f"{s.study:40s} {s.scope:12s} {plan.num_samples[s.study]:6d} {epochs[s.search_entry]:6d}  {per_trial_text(res)}"
+        print(f"{s.study:40s} {s.scope:12s} {plan.trials(s):6d} {epochs[s.search_entry]:6d}  {per_trial_text(res)}"
               + (f"  (machine types: {', '.join(s.machine_types)})" if s.machine_types else ""))
     print(f"total: {len(plan.studies)} studies, {plan.trials_total()} trials")
 
@@ -174,7 +178,7 @@ def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: di
           f"experiment {experiment_path(preset, args)}")
     print(f"{'family':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
     for fam in families:
-        trials = args.num_samples or preset.families[fam].num_samples
+        trials = preset.families[fam].trials(args.num_samples)
         print(f"{fam:40s} {preset.study_scope(fam):12s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
 
 
@@ -262,15 +266,15 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     search = preset.families[job.search_entry]
     space = tune_space(search)
     space["epochs"] = epochs
-    searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration
-    if any(isinstance(v, dict) for v in search.space.values()):
+    searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration (a seed grid)
+    if search.searched:
         url = optuna_storage_url(job.experiment, job.study, optuna_url)
         searcher = ResumableOptunaSearch(
             metric=preset.metric, mode=preset.mode, study_name=job.study,
             storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
-        )
+            points_to_evaluate=search.points_to_evaluate or None)
     scheduler = None
-    if preset.scheduler.type == "asha":
+    if preset.scheduler.type == "asha" and search.repeats == 1:  # repeats: every seed trains to the end
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                   grace_period=min(preset.scheduler.grace_period, epochs),
                                   reduction_factor=preset.scheduler.reduction_factor)
@@ -463,7 +467,7 @@ def finished_summary(plan: Plan) -> str:
         mark = f"/{artifacts.CHECKPOINT_PREFIX}"
         runs = {f.rsplit(mark, 1)[0] for f in storage.list_files(job.train_storage) if mark in f}
         done = sum(ended_run(run) is not None for run in runs)
-        counts.append(f"{job.study} {done}/{plan.num_samples[job.study]}")
+        counts.append(f"{job.study} {done}/{plan.trials(job)}")
     return "trials done per study: " + ", ".join(counts)
 
 

@@ -497,3 +497,44 @@ def test_a_dataset_scope_trial_ranks_and_ensembles_in_every_machine_type(tmp_pat
     for mt in ("fan", "valve"):
         members = {m["name"]: m for m in doc[mt]["members"]}
         assert "triplet/d1" in members and set(members["triplet/d1"]["stats"]) == {"00", "01", "02"}
+
+
+def test_a_configuration_trained_with_several_seeds_is_a_seed_ensemble(tmp_path: Path):
+    """Three trials of one study differing in ``seed`` alone (a preset's ``repeats: 3``) and a fourth configuration:
+    the three form one seed ensemble, the mean of their standardised scores, reported beside each member."""
+    root = write_experiment(tmp_path / "exp", ["fan__dense_ae"])
+    state, tj = tiny_model("dense_ae", DENSE)
+    trials = [("r0", {**DENSE, "seed": 0}, 0.6), ("r1", {**DENSE, "seed": 1}, 0.7), ("r2", {**DENSE, "seed": 2}, 0.5),
+              ("other", {**DENSE, "lr": 3e-3, "seed": 0}, 0.8)]
+    for i, (tid, params, quality) in enumerate(trials):
+        test, train = fake_scores("fan", quality, i)
+        ck = write_checkpoint(root, "fan__dense_ae", tid, state, {**tj, "machine_type": "fan"}, test, train)
+        write_record(root, "fan__dense_ae", tid, "dense_ae", "fan", params, "finished", checkpoint=ck,
+                     metrics={"epoch": 3})
+    out = tmp_path / "out"
+    assert leaderboard.main([str(root), "--out", str(out), "--no-plots", "--steps", "3"]) == 0
+    ens = pd.read_csv(out / "ensembles.csv")
+    ens = ens[ens["machine_type"] == "fan"].set_index("ensemble")
+    row = ens.loc["seeds:fan__dense_ae"]
+    assert row["kind"] == "seeds" and row["combine"] == "mean" and row["n_members"] == 3
+    assert set(row["members"].split(" + ")) == {"dense_ae/r0", "dense_ae/r1", "dense_ae/r2"}
+    assert (ens["kind"] == "seeds").sum() == 1  # 'other' has no twin: no group of its own
+    # the same standardisation and combination as every ensemble: each member by its own training scores, then mean
+    zs = [_z(root, "fan__dense_ae", tid)[0] for tid in ("r0", "r1", "r2")]
+    both = combine(zs, "mean")
+    for half, prefix in (("selection", "sel"), ("report", "report")):
+        _, official = evaluate(both[both["half"] == half], rule="2020")
+        assert row[f"{prefix}_auc"] == pytest.approx(official["auc"], abs=1e-12)
+    # beside its members: their mean and best, from the leaderboard's own figures of each
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    mine = board.loc[["r0", "r1", "r2"], "report_auc"]
+    assert row["members_mean_report_auc"] == pytest.approx(mine.mean(), abs=1e-12)
+    assert row["members_best_report_auc"] == pytest.approx(mine.max(), abs=1e-12)
+    # it takes part in the choice like every candidate: the chosen one is the best on the selection half
+    assert ens["chosen"].sum() == 1 and ens.loc[ens["chosen"], "sel_auc"].iloc[0] == ens["sel_auc"].max()
+    seeds = pd.read_csv(out / "seed_ensembles.csv", dtype={"seed": str})
+    assert seeds["member"].tolist()[0] == "(mean of 3)" and sorted(seeds["seed"].dropna()) == ["0", "1", "2"]
+    assert seeds.set_index("member").loc["dense_ae/r1", "report_auc"] == pytest.approx(board.loc["r1", "report_auc"])
+    summary = (out / "summary.md").read_text()
+    assert "## Seed ensembles against their members" in summary and "seeds:fan__dense_ae" in summary
+    assert "| dense_ae/r2 | 2 |" in summary

@@ -1,11 +1,19 @@
 """Ensembles of one machine type's trials (Giri et al.): candidates (the best single model, the best trial of each
-family, greedy forward selection with replacement), the choice among them by the selection half, the
-ensembles table and the ``ensemble.json`` document (its format is :mod:`raysd.artifacts`)."""
+family, the seed ensembles of configurations trained several times, greedy forward selection with replacement),
+the choice among them by the selection half, the ensembles tables and the ``ensemble.json`` document (its format
+is :mod:`raysd.artifacts`).
+
+A seed ensemble is the mean of the standardised scores of the finished trials of one study whose hyperparameters
+differ in ``seed`` alone (a preset entry's ``repeats``, or a configuration Tune ran more than once): "the best
+configuration, trained N times, averaged"."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +29,7 @@ from raysd.ensemble import (
     selection_value,
     standardise,
 )
+from raysd.families.hparams import TrainHP
 from raysd.report.board import aggregate_columns, figures
 from raysd.report.experiment import Experiment, Trial
 
@@ -31,13 +40,15 @@ class Candidate:
 
     machine_type: str
     name: str
-    kind: str  # 'single', 'family-best', 'greedy'
+    kind: str  # 'single', 'family-best', 'seeds', 'greedy'
     combine: str
     weights: dict[str, int]  # member name -> weight
     test: pd.DataFrame  # combined standardised scores, test clips
     train: pd.DataFrame  # combined standardised scores, training clips
     selection: float = math.nan
     figures: dict[str, float] = field(default_factory=dict)
+    member_figures: dict[str, dict[str, float]] = field(default_factory=dict)  # seeds: each member's own figures
+    seeds: dict[str, Any] = field(default_factory=dict)  # seeds: member name -> its seed
 
     @property
     def members(self) -> list[str]:
@@ -46,6 +57,29 @@ class Candidate:
 
 def member_label(weights: dict[str, int]) -> str:
     return " + ".join(f"{n} x{w}" if w > 1 else n for n, w in weights.items())
+
+
+SEED = "seed"
+
+
+def seed_of(t: Trial) -> Any:
+    return t.params.get(SEED, TrainHP.seed)
+
+
+def seed_groups(trials: list[Trial]) -> dict[str, list[Trial]]:
+    """Trials of one study whose hyperparameters differ in ``seed`` alone, by ensemble name: ``seeds:<study>``,
+    with the first trial id of the group where the study has several; the trials' order is kept (best first).
+
+    A group needs two seeds or more: trials of one configuration and one seed (Tune repeating a fixed space)
+    are the same model up to nondeterminism, no ensemble."""
+    groups: dict[tuple[str, str], list[Trial]] = {}
+    for t in trials:
+        rest = json.dumps({k: v for k, v in t.params.items() if k != SEED}, sort_keys=True, default=str)
+        groups.setdefault((t.study, rest), []).append(t)
+    kept = [g for g in groups.values() if len({json.dumps(seed_of(t), default=str) for t in g}) > 1]
+    per_study = Counter(g[0].study for g in kept)
+    return {f"seeds:{g[0].study}" + (f":{min(t.trial_id for t in g)}" if per_study[g[0].study] > 1 else ""): g
+            for g in kept}
 
 
 def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: dict[str, float],
@@ -60,7 +94,8 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
     for t in ranked:
         fam_best.setdefault(t.family, t)
     library = ranked[:max(1, top_k)]
-    pool = list({t.key: t for t in library + list(fam_best.values())}.values())
+    seeds = seed_groups(ranked)
+    pool = list({t.key: t for t in library + list(fam_best.values()) + [t for g in seeds.values() for t in g]}.values())
     stats = {t.name: fit_stats(t.train, t.name) for t in pool}
     z_test = [standardise(t.test, stats[t.name], t.name) for t in pool]
     z_train = [standardise(train.loc[train["split"] == "train"], stats[t.name], t.name)
@@ -83,6 +118,11 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
     if len(fam_best) > 1:
         for r in ("mean", "max"):
             out.append(build(f"family-best {r}", "family-best", r, {t.name: 1 for t in fam_best.values()}))
+    for name, group in seeds.items():
+        c = build(name, "seeds", "mean", {t.name: 1 for t in group})
+        c.member_figures = {t.name: figures(t.test, rule) for t in group if t.test is not None}
+        c.seeds = {t.name: seed_of(t) for t in group}
+        out.append(c)
     if len(library) > 1:
         lib_idx = [col[t.name] for t in library]
         sel_mask = half_rows(meta_test, "selection").index.to_numpy()
@@ -112,19 +152,23 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
     rows = []
 
     def row(mt: str, name: str, kind: str, comb: str, members: str, n: float, figs: dict, single: dict,
-            is_chosen: bool) -> None:
+            is_chosen: bool, member_figs: list[dict] | None = None) -> None:
         r = {"machine_type": mt, "ensemble": name, "kind": kind, "combine": comb, "n_members": n, "members": members,
              "chosen": is_chosen}
         r.update({c: figs.get(c, math.nan) for c in aggregate_columns(rule)})
         for p in ("report", "test"):
             r[f"gain_{p}_{key}"] = figs.get(f"{p}_{key}", math.nan) - single.get(f"{p}_{key}", math.nan)
+        for p in ("report", "test"):  # a seed ensemble beside its own members
+            own = [f.get(f"{p}_{key}", math.nan) for f in member_figs or ()]
+            if own:
+                r[f"members_mean_{p}_{key}"], r[f"members_best_{p}_{key}"] = float(np.mean(own)), float(np.max(own))
         rows.append(r)
 
     for mt, cands in per_type.items():
         single = cands[0].figures
         for c in cands:
             row(mt, c.name, c.kind, c.combine, member_label(c.weights), len(c.members), c.figures, single,
-                c is chosen[mt])
+                c is chosen[mt], list(c.member_figures.values()))
     # over all machine types: the same candidate kind in every type, and the chosen ones
     names = [c.name for c in next(iter(per_type.values()))] if per_type else []
     overall: dict[str, dict] = {}
@@ -141,6 +185,20 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
     df = pd.DataFrame(rows)
     df["n_members"] = df["n_members"].astype("Int64")
     return df.dropna(axis=1, how="all")
+
+
+def seed_table(exp: Experiment, per_type: dict[str, list[Candidate]]) -> pd.DataFrame:
+    """Each seed ensemble's figures (``member`` '(mean)') followed by each of its members' own figures."""
+    cols = ["machine_type", "ensemble", "member", "seed"] + aggregate_columns(exp.rule)
+    rows = []
+    for mt, cands in per_type.items():
+        for c in (c for c in cands if c.kind == "seeds"):
+            rows.append({"machine_type": mt, "ensemble": c.name, "member": f"(mean of {len(c.members)})", "seed": "",
+                         **c.figures})
+            rows += [{"machine_type": mt, "ensemble": c.name, "member": n, "seed": c.seeds.get(n, ""), **figs}
+                     for n, figs in c.member_figures.items()]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.dropna(axis=1, how="all") if rows else df
 
 
 def ensemble_document(exp: Experiment, chosen: dict[str, Candidate], stats: dict[str, dict[str, pd.DataFrame]],

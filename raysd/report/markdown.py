@@ -37,7 +37,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, ens: pd.DataFrame,
                      plots: dict[str, list[str]], notes: list[str], top: int, unlabelled: Unlabelled | None = None,
-                     out: Path | None = None) -> str:
+                     out: Path | None = None, seeds: pd.DataFrame | None = None) -> str:
     rule = exp.rule
     key = exp.metric.removeprefix("sel_")
     trials = board.drop_duplicates(["study", "trial_id"])  # a trial over several machine types has a row in each
@@ -75,6 +75,14 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
             if len(s) and len(c):
                 lines += [f"Over all machine types, the chosen models reach report-half {key} {c.iloc[0]:.4f} against "
                           f"{s.iloc[0]:.4f} for the best single model of each type ({c.iloc[0] - s.iloc[0]:+.4f}).", ""]
+    if seeds is not None and not seeds.empty:
+        lines += ["## Seed ensembles against their members", "",
+                  "One configuration trained with several seeds (e.g. a preset entry's `repeats`): the mean of the "
+                  "members' standardised scores, then each member alone.", ""]
+        show = ["machine_type", "ensemble", "member", "seed"] + \
+               [c for c in (f"sel_{key}", f"report_{key}", f"test_{key}", "report_auc", "report_pauc")
+                if c in seeds.columns]
+        lines += [markdown_table(seeds[list(dict.fromkeys(show))]), ""]
     if unlabelled is not None:
         for mt, rep in unlabelled.reports.items():
             lines += [f"## Strangest moments: {mt}", "", f"{unlabelled.what[mt]}.", "",
@@ -99,7 +107,8 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
         if files:
             lines += [f"## {mt}", ""] + [f"![{Path(f).stem}]({f})" for f in files] + [""]
     if key in METRIC_KEYS:
-        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`, `ensembles.csv`; chosen models: `ensemble.json` "
+        lines += ["Full tables: `leaderboard.csv`, `best_models.csv`, `ensembles.csv`, `seed_ensembles.csv`; chosen "
+                  "models: `ensemble.json` "
                   "(score new recordings with `python -m raysd.score ensemble.json PATH...`), per-clip scores "
                   "`ensemble_scores.csv`, DCASE submission files in `submission/`.", ""]
     else:
