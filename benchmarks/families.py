@@ -37,6 +37,8 @@ from collections.abc import Callable
 
 import torch
 
+from raysd.data.features import FeatureSpec
+from raysd.data.views import View
 from raysd.families import REGISTRY
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.hparams import TrainHP
@@ -71,19 +73,27 @@ def random_clips(n: int, n_mels: int, n_frames: int, device: torch.device, seed:
     return (torch.randn(n, n_mels, n_frames, generator=g) * 8.0 - 40.0).to(device)
 
 
+def random_extras(view: View, n: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """Random non-negative stand-ins for the extra per-clip features a view asks for (10 s clips at 16 kHz)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, *s.item_shape, generator=g).to(device) for s in view.extra_specs(FeatureSpec(clip_seconds=10.0))]
+
+
 def bench_family(name: str, device: torch.device, amp: str, args: argparse.Namespace) -> dict:
     fam = REGISTRY[name]()
     view = fam.view()
-    info = DataInfo(args.n_mels, args.n_frames, 2, ("00", "01"))
+    shapes = tuple(s.item_shape for s in view.extra_specs(FeatureSpec(clip_seconds=10.0)))
+    info = DataInfo(args.n_mels, args.n_frames, 2, ("00", "01"), extra_shapes=shapes)
     per_clip = view.starts(args.n_frames).numel()
     hp = TrainHP(batch_size=args.batch_size, amp=amp, epochs=1)
     steps = args.steps
     n_train = max(2, math.ceil(steps * args.batch_size / per_clip))
     clips = random_clips(n_train, args.n_mels, args.n_frames, device)
     labels = (torch.arange(n_train) % 2).to(device)
-    train = ClipSet(clips, labels, view)
+    extras = random_extras(view, n_train, device)
+    train = ClipSet(clips, labels, view, extras=extras)
     n_warm = math.ceil(args.batch_size / per_clip)
-    one_step = ClipSet(clips[:n_warm], labels[:n_warm], view)  # warm-up: one full batch (and a remainder)
+    one_step = train.subset(torch.arange(n_warm))  # warm-up: one full batch (and a remainder)
     trainer = Trainer(fam, hp, info, device=device)
     trainer.before_training(train)
 
@@ -97,19 +107,21 @@ def bench_family(name: str, device: torch.device, amp: str, args: argparse.Names
     ref.before_training(train)
     windows = view.windows(clips).flatten(0, 1)
     wlabels = labels.repeat_interleave(per_clip)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(windows, wlabels, torch.arange(len(windows), device=device)),
-                                         batch_size=args.batch_size, shuffle=True)
+    wextras = [e.repeat_interleave(per_clip, dim=0) for e in extras]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(windows, wlabels, torch.arange(len(windows), device=device), *wextras),
+        batch_size=args.batch_size, shuffle=True)
     opt = make_optimizer(ref.model.parameters(), hp)
 
     def plain_epoch(max_batches: int | None = None) -> int:
         ref.model.train()
         n = 0
         total = torch.zeros((), device=device)
-        for i, (x, y, c) in enumerate(loader):
+        for i, (x, y, c, *extra) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             with ref.autocast():
-                loss = fam.loss(ref.model, Batch(x, y, c))
+                loss = fam.loss(ref.model, Batch(x, y, c, tuple(extra)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -125,7 +137,8 @@ def bench_family(name: str, device: torch.device, amp: str, args: argparse.Names
 
     trainer.after_training(train)
     n_score = args.score_clips if device.type == "cpu" else args.score_clips_cuda
-    test = ClipSet(random_clips(n_score, args.n_mels, args.n_frames, device, seed=1), (torch.arange(n_score) % 2).to(device), view)
+    test = ClipSet(random_clips(n_score, args.n_mels, args.n_frames, device, seed=1), (torch.arange(n_score) % 2).to(device),
+                   view, extras=random_extras(view, n_score, device, seed=1))
 
     def score() -> int:
         return len(trainer.score(test, clips_per_batch=args.clips_per_batch))

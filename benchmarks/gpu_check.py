@@ -8,6 +8,7 @@ carry), so this drives ``raysd.train.Trainer`` directly. It measures, on the dev
   masked_unet's batched K-mask scoring against the clip-by-clip loop (``masked_unet_batched_vs_loop``);
 - ``features``: log-mel extraction (``raysd.data.features.LogMel``, torchaudio) of 10 s clips on the
   device against the same module on this machine's CPU cores, the reference, in clips per second;
+  ``spectrum_features`` the same for the full-clip magnitude spectrum (``SpectrumSpec``, ``adacos_knn``'s input);
 - ``fit``: one short end-to-end ``Trainer.fit`` of ``dense_ae`` on the device with bf16 on synthetic
   normal clips; its loss must fall and its scores must rank clips with an added tone above normal ones.
 
@@ -37,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's raysd, without an install
 
-from raysd.data.features import FeatureSpec, LogMel  # noqa: E402
+from raysd.data.features import FeatureSpec, SpectrumSpec  # noqa: E402
 from raysd.families import REGISTRY  # noqa: E402
 from raysd.families.base import create_family  # noqa: E402
 from raysd.families.clips import ClipSet, DataInfo  # noqa: E402
@@ -79,14 +80,17 @@ def family_throughput(device: torch.device, quick: bool, families: str | None) -
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def logmel_throughput(device: torch.device, quick: bool) -> dict[str, Any]:
-    """Clips per second through ``LogMel`` on ``device`` and on the CPU (the reference), 10 s at 16 kHz."""
-    spec = FeatureSpec(clip_seconds=10.0)
+def logmel_throughput(device: torch.device, quick: bool, spectrum: bool = False) -> dict[str, Any]:
+    """Clips per second through ``LogMel`` (or, with ``spectrum``, the full-clip ``Spectrum``) on ``device`` and on
+    the CPU (the reference), 10 s at 16 kHz."""
+    spec: FeatureSpec | SpectrumSpec = FeatureSpec(clip_seconds=10.0)
+    if spectrum:
+        spec = SpectrumSpec().for_clips(spec)
     n = 16 if quick else 256
     wave = torch.randn(n, spec.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
 
     def rate(on: torch.device, batch: int) -> float:
-        module = LogMel(spec).to(on)
+        module = spec.transform().to(on)
         x = wave.to(on)
         with torch.no_grad():
             module(x[:batch])  # warm-up: kernels, FFT plans
@@ -100,12 +104,12 @@ def logmel_throughput(device: torch.device, quick: bool) -> dict[str, Any]:
                 best = min(best, time.perf_counter() - t0)
         return n / best
 
-    out = {"clips": n, "clip_seconds": spec.clip_seconds, "n_mels": spec.n_mels,
+    out = {"clips": n, "clip_seconds": spec.clip_seconds, "shape": list(spec.item_shape),
            "cpu_clips_per_s": round(rate(torch.device("cpu"), 16), 1)}
     if device.type != "cpu":
         out[f"{device.type}_clips_per_s"] = round(rate(device, 64), 1)
         out["speedup_over_cpu"] = round(out[f"{device.type}_clips_per_s"] / out["cpu_clips_per_s"], 1)
-    out["reference"] = f"raysd LogMel (torchaudio) on {os.cpu_count()} CPU cores, batches of 16"
+    out["reference"] = f"raysd {type(spec.transform()).__name__} on {os.cpu_count()} CPU cores, batches of 16"
     return out
 
 
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name, part in (("environment", lambda: environment(device)),
                        ("features", lambda: logmel_throughput(device, args.quick)),
+                       ("spectrum_features", lambda: logmel_throughput(device, args.quick, spectrum=True)),
                        ("fit", lambda: end_to_end_fit(device, args.quick)),
                        ("families", lambda: family_throughput(device, args.quick, args.families))):
         t0 = time.perf_counter()

@@ -115,7 +115,7 @@ def test_dry_run_prints_studies_and_totals(tiny_root: Path, tmp_path: Path, caps
     assert rc == 0
     out = capsys.readouterr().out
     assert "fan__dense_ae" in out and "valve__conv_ae" in out
-    assert "total: 4 studies, 8 trials" in out
+    assert "all__adacos_knn" in out and "total: 5 studies, 10 trials" in out
     assert not (tmp_path / "exp").exists()
 
 
