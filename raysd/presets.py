@@ -18,7 +18,10 @@ A family entry may also say
 - ``repeats: N``: train the entry's one configuration N times, with seeds ``seed, seed + 1, ...`` (``seed``
   the space's fixed value, else :class:`TrainHP`'s default), as a Ray Tune grid over ``seed``; the
   leaderboard then offers the N trials' seed ensemble. The space must be fixed (Optuna samples no grid), and
-  ``num_samples`` defaults to 1: a study trains ``num_samples x repeats`` trials.
+  ``num_samples`` defaults to 1: a study trains ``num_samples x repeats`` trials;
+- ``search: {...}``: the entry's own search settings (:mod:`raysd.search_settings`), replacing the preset's
+  top-level ``search:``. Under ``algorithm: grid`` every searched key must be a ``choice``, there are no
+  ``points_to_evaluate``, ``num_samples`` defaults to 1 and a study trains ``grid size x num_samples x repeats``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from raysd.data.study import ALL_TYPES, FIRST_SHOT
 from raysd.data.views import View
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
+from raysd.search_settings import SearchSettings, SettingError, read_settings
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -79,11 +83,20 @@ class FamilySearch:
     entry: str = ""  # its name under 'families:' (the family's name unless the entry says 'family: NAME')
     repeats: int = 1  # the configuration trained this many times, one seed each (a fixed space only)
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # complete points: every searched key
+    search: SearchSettings = field(default_factory=SearchSettings)  # the entry's, else the preset's search settings
 
     @property
     def searched(self) -> bool:
-        """Whether Optuna samples anything (else Tune repeats the one configuration)."""
+        """Whether the space has anything to search (else Tune repeats the one configuration)."""
         return any(isinstance(v, dict) for v in self.space.values())
+
+    def grid_size(self) -> int:
+        """Configurations of a grid search (the product of the choices' lengths); 1 for the other algorithms."""
+        size = 1
+        if self.search.algorithm == "grid":
+            for v in self.space.values():
+                size *= len(v["choice"]) if isinstance(v, dict) else 1
+        return size
 
     def seeds(self) -> list[int]:
         """The seeds of the repeats: the space's fixed seed (else TrainHP's default) and the next ones."""
@@ -91,8 +104,9 @@ class FamilySearch:
         return [int(base) + i for i in range(self.repeats)]
 
     def trials(self, num_samples: int | None = None) -> int:
-        """Trials of one study: Ray Tune runs ``num_samples`` times the seed grid of the repeats."""
-        return (num_samples or self.num_samples) * self.repeats
+        """Trials of one study: Ray Tune runs ``num_samples`` times the grid (of the repeats' seeds, and of the
+        choices under a grid search)."""
+        return (num_samples or self.num_samples) * self.repeats * self.grid_size()
 
 
 @dataclass
@@ -112,6 +126,7 @@ class Preset:
     machine_types: list[str] | None = None
     heldout: dict[str, Any] = field(default_factory=dict)
     first_shot: bool = False  # one configuration per family over every machine type (DCASE 2023-24: no per-type tuning)
+    search: SearchSettings = field(default_factory=SearchSettings)  # the top-level ``search:`` (entries may replace it)
 
     def data_root(self, override: str | os.PathLike | None = None) -> Path | None:
         if override:
@@ -232,7 +247,7 @@ def _field_default(cls: type, key: str) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
-def _in_distribution(entry: dict, value: Any) -> tuple[bool, Any]:
+def in_distribution(entry: dict, value: Any) -> tuple[bool, Any]:
     """Whether ``value`` can be drawn from a distribution entry, and the value as Optuna would draw it."""
     (dist, args), = entry.items()
     if dist == "choice":
@@ -274,7 +289,7 @@ def _points(path: Path, fam: str, raw: Any, space: dict[str, Any], family_cls) -
                                                              family_cls.Config, key)
             if value is dataclasses.MISSING:
                 raise _err(path, f"{where}[{i}].{key}", "not given, and the family has no default for it: give it")
-            ok, value = _in_distribution(entry, value)
+            ok, value = in_distribution(entry, value)
             if not ok:
                 raise _err(path, f"{where}[{i}].{key}", f"{value!r} is outside the searched {entry}" if given else
                            f"not given, and the family's default {value!r} is outside the searched {entry}: give it")
@@ -305,9 +320,27 @@ def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) ->
         raise _err(path, key, str(e)) from None
 
 
-FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate")
+def _settings(path: Path, where: str, raw: Any) -> SearchSettings:
+    try:
+        return read_settings(raw)
+    except SettingError as e:
+        raise _err(path, f"{where}.{e.key}" if e.key else where, str(e)) from None
+
+
+def _check_grid(path: Path, fam: str, space: dict[str, Any], has_points: bool) -> None:
+    """A grid enumerates choices: a range cannot be gridded, and every point is trained anyway."""
+    for key, entry in space.items():
+        if isinstance(entry, dict) and "choice" not in entry:
+            raise _err(path, f"families.{fam}.space.{key}", f"search algorithm grid needs a choice of values, got "
+                                                            f"{entry!r}: list the grid's values, e.g. {{choice: [...]}}")
+    if has_points:
+        raise _err(path, f"families.{fam}.points_to_evaluate", "a grid search trains every point of its grid: "
+                                                               "drop points_to_evaluate or search with tpe")
+
+
+FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate", "search")
 TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
-            "max_failures", "families", "machine_types", "heldout", "rule", "first_shot"}
+            "max_failures", "families", "machine_types", "heldout", "rule", "first_shot", "search"}
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -358,6 +391,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         raise _err(path, "resources.gpus_per_worker",
                    "fractional GPUs are only allowed for single-worker trials (DDP needs whole GPUs)")
 
+    search = _settings(path, "search", raw.get("search"))
     fams_raw = raw.get("families")
     if not isinstance(fams_raw, dict) or not fams_raw:
         raise _err(path, "families", "must map at least one family name to its search settings")
@@ -382,8 +416,11 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
                 raise
             except ValueError as e:
                 raise _err(path, f"families.{fam}.space.{key}", str(e)) from None
+        settings = _settings(path, f"families.{fam}.search", body["search"]) if "search" in body else search
+        if settings.algorithm == "grid":
+            _check_grid(path, fam, space, bool(body.get("points_to_evaluate")))
         repeats = body.get("repeats", 1)
-        num_samples = body.get("num_samples", 4 if repeats == 1 else 1)
+        num_samples = body.get("num_samples", 4 if repeats == 1 and settings.algorithm != "grid" else 1)
         epochs = body.get("epochs", TrainHP.epochs)
         for k, v in (("num_samples", num_samples), ("epochs", epochs), ("repeats", repeats)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -394,7 +431,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
             raise _err(path, f"families.{fam}.num_samples", f"{num_samples} trial(s) cannot start from "
                                                             f"{len(points)} points_to_evaluate")
         scope = family_cls(family_cls.Config(**_context(space, family_cls, ""))).scope()
-        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points)
+        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points, settings)
 
     machine_types = raw.get("machine_types")
     if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
@@ -415,19 +452,22 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         name=str(raw.get("name", path.stem)), path=path, dataset=dataset, features=spec, rule=rule,
         metric=metric, mode=METRICS[metric], seed=int(raw.get("seed", 0)), scheduler=scheduler,
         resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
-        heldout=heldout, first_shot=first_shot,
+        heldout=heldout, first_shot=first_shot, search=search,
     )
 
 
 def tune_space(search: FamilySearch) -> dict[str, Any]:
-    """The Ray Tune ``param_space`` of one family's search (fixed values stay plain)."""
+    """The Ray Tune ``param_space`` of one family's search (fixed values stay plain; a grid's choices are
+    ``grid_search``)."""
     from ray import tune
 
     out: dict[str, Any] = {}
     for key, entry in search.space.items():
         if isinstance(entry, dict):
             (dist, args), = entry.items()
-            if dist == "choice":
+            if search.search.algorithm == "grid":
+                out[key] = tune.grid_search(list(args))
+            elif dist == "choice":
                 out[key] = tune.choice(list(args))
             elif dist == "loguniform":
                 out[key] = tune.loguniform(*(float(a) for a in args))

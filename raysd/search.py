@@ -5,8 +5,9 @@ A study is one (machine type, family), or one family over every machine type: wh
 ``dataset`` (one model for all types), or in a ``first_shot`` preset (one model per type, one configuration
 for all); :meth:`raysd.presets.Preset.study_units` cuts them from what each family declares, never from its name.
 
-One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE, persisted in SQLite under the experiment
-folder) and an optional ``ASHAScheduler``. Studies run concurrently as Ray tasks on the attached
+One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE or random, persisted in SQLite under the experiment
+folder; none for a grid) and an optional ``ASHAScheduler``, built by :mod:`raysd.searchers` from the preset's
+search settings. Studies run concurrently as Ray tasks on the attached
 cluster, at most as many at once as the cluster can run trials, so pending placement groups of one
 study cannot starve another.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysd import artifacts, leaderboard, storage
+from raysd import artifacts, leaderboard, searchers, storage
 from raysd.cluster import (
     BOOTSTRAP_CONFIG,
     DRIVER_CPU,
@@ -44,7 +45,6 @@ from raysd.log import module_logger, setup_logging
 from raysd.paths import default_cache_dir
 from raysd.presets import Preset, PresetError, Resources, load_preset, tune_space
 from raysd.trial import StudyJob, ended_run, run_trial
-from raysd.tune_optuna import ResumableOptunaSearch
 
 log = module_logger(__name__, __spec__)
 
@@ -160,9 +160,10 @@ def print_plan(plan: Plan, epochs: dict[str, int], res: Resources) -> None:
     print(f"preset {plan.preset.name} ({plan.preset.path}); data {plan.data_root} [{plan.layout}], "
           f"{len(plan.catalog.table)} clips; experiment {plan.experiment}")
     print(f"metric {plan.preset.metric} ({plan.preset.mode}), rule {plan.preset.rule}, scheduler {plan.preset.scheduler.type}")
-    print(f"{'study':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    print(f"{'study':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s} {'search':11s}  resources per trial")
     for s in plan.studies:
-        print(f"{s.study:40s} {s.scope:12s} {plan.trials(s):6d} {epochs[s.search_entry]:6d}  {per_trial_text(res)}"
+        search = plan.preset.families[s.search_entry].search.algorithm
+        print(f"{s.study:40s} {s.scope:12s} {plan.trials(s):6d} {epochs[s.search_entry]:6d} {search:11s}  {per_trial_text(res)}"
               + (f"  (machine types: {', '.join(s.machine_types)})" if s.machine_types else ""))
     print(f"total: {len(plan.studies)} studies, {plan.trials_total()} trials")
 
@@ -176,10 +177,10 @@ def print_plan_without_data(preset: Preset, args: argparse.Namespace, epochs: di
           + "; one study per machine type and family, or per family for scope dataset")
     print(f"metric {preset.metric} ({preset.mode}), rule {preset.rule}, scheduler {preset.scheduler.type}; "
           f"experiment {experiment_path(preset, args)}")
-    print(f"{'family':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s}  resources per trial")
+    print(f"{'family':40s} {'scope':12s} {'trials':>6s} {'epochs':>6s} {'search':11s}  resources per trial")
     for fam in families:
-        trials = preset.families[fam].trials(args.num_samples)
-        print(f"{fam:40s} {preset.study_scope(fam):12s} {trials:6d} {epochs[fam]:6d}  {per_trial_text(res)}")
+        trials, search = preset.families[fam].trials(args.num_samples), preset.families[fam].search.algorithm
+        print(f"{fam:40s} {preset.study_scope(fam):12s} {trials:6d} {epochs[fam]:6d} {search:11s}  {per_trial_text(res)}")
 
 
 def feature_specs(plan: Plan) -> list:
@@ -200,17 +201,6 @@ def warm_cache(plan: Plan) -> None:
         log.info(f"features {spec.key()} ({spec.describe()}): "
                  f"{len(plan.catalog.table)} clips ready in {time.perf_counter() - t0:.1f}s"
                  + (f", {len(store.failed)} unreadable clip(s) skipped" if getattr(store, "failed", None) else ""))
-
-
-def optuna_storage_url(experiment: str, study: str, override: str | None) -> str:
-    if override:
-        return override
-    if storage.is_remote(experiment):
-        local = default_cache_dir() / artifacts.OPTUNA_DIR / experiment.split("://", 1)[1].replace("/", "_")
-    else:
-        local = Path(experiment) / artifacts.OPTUNA_DIR
-    local.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{local / (study + '.db')}"
 
 
 def study_trainable(job: StudyJob):
@@ -250,11 +240,12 @@ def trial_line_callback(study: str, metric: str):
 
 
 def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, max_concurrent: int,
-                seed: int, optuna_url: str | None, resume: bool):
+                seed: int, optuna_url: str | None, resume: bool, warm_points: list[dict] | None = None):
+    """The study's ``Tuner`` (restored when resuming); ``warm_points``: configurations of finished sibling studies
+    to evaluate after the entry's ``points_to_evaluate`` (:func:`raysd.searchers.warm_start`)."""
     import optuna
     import ray.tune
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     # The trial function only drives a TorchTrainer and sleeps while its workers train; Tune refuses an
     # empty request, so it holds a token CPU share (see init_ray for the local case).
@@ -266,23 +257,18 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
     search = preset.families[job.search_entry]
     space = tune_space(search)
     space["epochs"] = epochs
-    searcher = None  # every value fixed: nothing for Optuna to sample, Tune repeats the configuration (a seed grid)
-    if search.searched:
-        url = optuna_storage_url(job.experiment, job.study, optuna_url)
-        searcher = ResumableOptunaSearch(
-            metric=preset.metric, mode=preset.mode, study_name=job.study,
-            storage=optuna.storages.RDBStorage(url), sampler=optuna.samplers.TPESampler(seed=seed),
-            points_to_evaluate=search.points_to_evaluate or None)
-    scheduler = None
-    if preset.scheduler.type == "asha" and search.repeats == 1:  # repeats: every seed trains to the end
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                                  grace_period=min(preset.scheduler.grace_period, epochs),
-                                  reduction_factor=preset.scheduler.reduction_factor)
+    searcher = None  # every value fixed (Tune repeats the configuration, e.g. a seed grid), or a grid search
+    if search.searched and search.search.optuna:
+        spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, num_samples, epochs, seed)
+        storage_ = optuna.storages.RDBStorage(searchers.optuna_storage_url(job.experiment, job.study, optuna_url))
+        searcher = searchers.make_searcher(spec, job.study, storage_, [*search.points_to_evaluate, *(warm_points or [])])
+    # repeats: every seed trains to the end
+    scheduler = searchers.make_scheduler(preset.scheduler, epochs) if search.repeats == 1 else None
     return ray.tune.Tuner(
         trainable, param_space=space,
         tune_config=ray.tune.TuneConfig(metric=preset.metric, mode=preset.mode, search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=max_concurrent),
+                                        max_concurrent_trials=searchers.study_concurrency(search.search, max_concurrent)),
         run_config=ray.tune.RunConfig(name=job.study, storage_path=storage.join(job.experiment, artifacts.STUDIES_DIR),
                                       failure_config=ray.tune.FailureConfig(max_failures=0),
                                       callbacks=[trial_line_callback(job.study, preset.metric)], verbose=1),
@@ -290,9 +276,9 @@ def build_tuner(job: StudyJob, preset: Preset, num_samples: int, epochs: int, ma
 
 
 def run_study(job: StudyJob, preset: Preset, num_samples: int, epochs: int, max_concurrent: int, seed: int,
-              optuna_url: str | None, resume: bool) -> dict:
+              optuna_url: str | None, resume: bool, warm_points: list[dict] | None = None) -> dict:
     """Run (or resume) one study to completion; returns its best trial."""
-    tuner = build_tuner(job, preset, num_samples, epochs, max_concurrent, seed, optuna_url, resume)
+    tuner = build_tuner(job, preset, num_samples, epochs, max_concurrent, seed, optuna_url, resume, warm_points)
     grid = tuner.fit()
     finished = [r for r in grid if r.error is None and r.metrics and preset.metric in r.metrics]
     best = None
@@ -432,12 +418,18 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     pending = list(plan.studies)
     running: dict[Any, StudyJob] = {}
     summaries, failures = [], []
+    finished: list[StudyJob] = []  # studies done in this run: warm starts read their trial records
     t0 = time.time()
     while pending or running:
         while pending and len(running) < concurrency:
             job = pending.pop(0)
+            search = preset.families[job.search_entry]
+            spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, plan.num_samples[job.study],
+                                          epochs[job.search_entry], seed)
+            warm = searchers.warm_start(spec, search, plan.experiment, job.study,
+                                        [j.study for j in finished if j.search_entry == job.search_entry])
             ref = remote.remote(job, preset, plan.num_samples[job.study], epochs[job.search_entry], per_study, seed,
-                                args.optuna_storage, args.resume)
+                                args.optuna_storage, args.resume, warm)
             running[ref] = job
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
@@ -445,6 +437,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
             try:
                 summary = ray.get(ref)
                 summaries.append(summary)
+                finished.append(job)
                 best = summary["best"]
                 log.info(f"study {job.study} done: {summary['trials']} trials, {summary['errors']} failed; best "
                          + (f"{preset.metric}={best[preset.metric]:.4f}" if best else "none"))

@@ -155,3 +155,99 @@ def test_repeats_reach_the_tuner_and_every_trial_count(tmp_path: Path, monkeypat
     assert search.main([str(path), "--dry-run"]) == 0  # no data: the part of the plan the preset fixes
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
     assert row.split()[2:4] == ["3", "2"]  # trials, epochs
+
+
+# ---------------------------------------------------------------------- search settings
+@pytest.mark.parametrize("extra, entry, key", [
+    ({"search": {"algorithm": "bayes"}}, {}, "search.algorithm"),
+    ({"search": {"sampler": "tpe"}}, {}, "search.sampler"),
+    ({"search": 3}, {}, "search"),
+    ({"search": {"n_startup_trials": -1}}, {}, "search.n_startup_trials"),
+    ({"search": {"n_startup_trials": "many"}}, {}, "search.n_startup_trials"),
+    ({"search": {"multivariate": "yes"}}, {}, "search.multivariate"),
+    ({"search": {"constant_liar": 1}}, {}, "search.constant_liar"),
+    ({"search": {"stopped_trials": "dropped"}}, {}, "search.stopped_trials"),
+    ({"search": {"max_concurrent_per_study": -2}}, {}, "search.max_concurrent_per_study"),
+    ({"search": {"warm_start": 1.5}}, {}, "search.warm_start"),
+    ({"search": {"algorithm": "tpe_default", "constant_liar": False}}, {}, "search.constant_liar"),
+    ({"search": {"algorithm": "random", "n_startup_trials": 3}}, {}, "search.n_startup_trials"),
+    ({"search": {"algorithm": "grid", "warm_start": 2}}, {}, "search.warm_start"),
+    ({}, {"search": {"algorithm": "nope"}}, "families.dense_ae.search.algorithm"),
+    ({"search": "grid"}, {}, "families.dense_ae.space.hidden"),  # a range cannot be gridded
+    ({}, {"search": "grid", "space": {"batch_size": {"choice": [128, 256]}}, "points_to_evaluate": [{}]},
+     "families.dense_ae.points_to_evaluate"),
+])
+def test_invalid_search_settings_name_file_and_key(tmp_path: Path, extra: dict, entry: dict, key: str) -> None:
+    path = _write(tmp_path, {"space": SPACE, **entry}, **extra)
+    with pytest.raises(PresetError) as e:
+        load_preset(path)
+    assert str(path) in str(e.value) and f"'{key}'" in str(e.value)
+
+
+GRID = {"lr": {"choice": [1e-4, 1e-3, 1e-2]}, "batch_size": {"choice": [128, 256]}, "weight_decay": 0.0}
+
+
+def test_a_grid_trains_every_combination_of_the_choices(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("RAYSD_NO_SUCH_ROOT", raising=False)
+    path = _write(tmp_path, {"space": GRID, "epochs": 2}, search="grid", scheduler={"type": "asha"},
+                  dataset={"root_env": "RAYSD_NO_SUCH_ROOT"})
+    preset = load_preset(path)
+    fam = preset.families["dense_ae"]
+    assert preset.search.algorithm == fam.search.algorithm == "grid" and not fam.search.optuna
+    assert fam.num_samples == 1 and fam.grid_size() == 6 and fam.trials() == 6 and fam.trials(2) == 12
+    assert tune_space(fam)["lr"] == {"grid_search": [1e-4, 1e-3, 1e-2]}
+    tuner = search.build_tuner(_job(tmp_path), preset, 1, 2, 4, 0, None, False)
+    config = tuner._local_tuner._tune_config
+    assert config.search_alg is None and config.num_samples == 1 and config.scheduler is not None
+    assert tuner._local_tuner._param_space["batch_size"] == {"grid_search": [128, 256]}
+    job = _job(tmp_path)
+    plan = search.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 1})
+    assert plan.trials(job) == 6 and plan.trials_total() == 6
+    assert search.main([str(path), "--dry-run"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
+    assert row.split()[2:5] == ["6", "2", "grid"]  # trials, epochs, search
+
+
+def test_an_entrys_search_replaces_the_presets(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"space": SPACE}, search={"algorithm": "grid"})
+    body = yaml.safe_load(path.read_text())
+    body["families"]["dense_ae"]["search"] = {"algorithm": "tpe", "n_startup_trials": 3}
+    body["families"]["grid_ae"] = {"family": "dense_ae", "space": GRID}
+    path.write_text(yaml.safe_dump(body))
+    preset = load_preset(path)
+    assert preset.families["dense_ae"].search.label() == "tpe:n_startup_trials=3"
+    assert preset.families["dense_ae"].num_samples == 4 and preset.families["grid_ae"].trials() == 6
+    assert load_preset(_write(tmp_path, {"space": SPACE})).families["dense_ae"].search.label() == "tpe"
+
+
+@pytest.mark.parametrize("settings, n_startup, multivariate, liar, pruned", [
+    ({}, 4, True, True, True),  # auto: a quarter of the 16 trials
+    ({"n_startup_trials": 7, "multivariate": False, "constant_liar": False, "stopped_trials": "complete"},
+     7, False, False, False),
+    ({"algorithm": "tpe_default"}, 10, None, True, False),  # TPESampler(seed) alone: Optuna's defaults
+])
+def test_search_settings_reach_the_sampler_and_searcher(tmp_path: Path, settings: dict, n_startup: int,
+                                                        multivariate: bool | None, liar: bool, pruned: bool) -> None:
+    import optuna
+
+    preset = load_preset(_write(tmp_path, {"space": SPACE, "num_samples": 16}, search=settings))
+    tuner = search.build_tuner(_job(tmp_path), preset, 16, 5, 8, 3, None, False)
+    searcher = tuner._local_tuner._tune_config.search_alg
+    sampler = searcher._sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == n_startup
+    assert sampler._multivariate is multivariate and sampler._constant_liar is liar
+    assert searcher._stopped_as_pruned is pruned and searcher._epochs == 5
+    assert tuner._local_tuner._tune_config.max_concurrent_trials == 8
+
+
+def test_random_search_cap_and_warm_points_reach_the_tuner(tmp_path: Path) -> None:
+    import optuna
+
+    path = _write(tmp_path, {"space": SPACE, "num_samples": 6, "points_to_evaluate": [{}]},
+                  search={"algorithm": "random", "max_concurrent_per_study": 2, "warm_start": 2})
+    warm = [{"lr": 3e-3, "batch_size": 128, "hidden": 32}]
+    tuner = search.build_tuner(_job(tmp_path), load_preset(path), 6, 5, 8, 3, None, False, warm)
+    config = tuner._local_tuner._tune_config
+    assert isinstance(config.search_alg._sampler, optuna.samplers.RandomSampler)
+    assert config.max_concurrent_trials == 2  # the cap under the study's share of 8
+    assert config.search_alg._points_to_evaluate == [{"lr": 1e-3, "batch_size": 256, "hidden": 128}, *warm]
