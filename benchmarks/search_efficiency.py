@@ -1,0 +1,607 @@
+"""Search efficiency: grid, random, Optuna TPE as shipped before and the improved TPE, each with and without ASHA,
+replayed on learning curves recorded once through raysd's own search.
+
+``record`` (once; trains): a grid search through ``python -m raysd.search`` with ``search: grid`` and no scheduler
+on a synthetic data set (the ``demo`` preset's data and features unless ``--preset`` says otherwise), then the
+selection metric after every epoch of every trial (Tune's ``result.json`` of each trial) and the report-half
+value at its last epoch (the leaderboard's ``report_*`` column), one row per machine type, configuration and
+epoch, into ``benchmarks/tables/search_<family>.csv.gz`` with the command that made it beside it
+(``search_<family>.json``)::
+
+    python benchmarks/search_efficiency.py record --family dense_ae [--epochs 8] [--machine-types fan valve]
+        [--grid lr=1e-4,3e-4,1e-3,3e-3 batch_size=128,256,512 bottleneck=4,8,16] [-- RAYSD_SEARCH_ARGS ...]
+
+``replay`` (the default; no training, minutes): every searcher x {no scheduler, ASHA} x concurrency x seed on
+every committed table. Replaying is a discrete-event simulation of one study: ``concurrency`` slots (under the
+searcher's ``max_concurrent_per_study``); a free slot asks the searcher for a configuration; each running trial
+trains one epoch per time step, and its recorded value after that epoch goes to the scheduler
+(``on_trial_result``: continue or stop) and, as Tune does, to the searcher (``on_trial_result``, or
+``on_trial_complete`` when the trial ends). The searcher, the sampler and ASHA are the objects a study uses,
+built by the same functions (:mod:`raysd.searchers`) and driven through Ray's own methods, not a
+re-implementation; ASHA's settings are :class:`raysd.presets.Scheduler`'s defaults unless given. The search space
+is a ``choice`` over each grid axis's values, so a suggestion is always a recorded configuration: the replay
+searches the grid's lattice (a repeated suggestion trains again and costs its epochs again). ``grid`` is the grid
+in a seeded random order: Tune expands ``grid_search`` in a fixed order, where the best falls in it is an accident
+of how the axes are listed, and a random order measures over where it may fall. Warm start
+(``tpe:warm_start=N``) starts each machine type from the best finished configurations of the same searcher's
+replay on the family's other machine types.
+
+Per replay: the budget is the grid's trial-epochs (configurations x epochs, times ``--budget``). A trial's value
+is what the leaderboard ranks: a trial that ran every epoch, by its value at the last epoch (a trial ASHA stopped
+is no candidate). The grid's best is the best last-epoch value over the grid. Reported per searcher and
+concurrency: the trial-epochs used until a finished trial reaches the grid's best (and within ``--tolerance`` of
+it), as a fraction of the grid's trial-epochs, median and IQR over tables x seeds (never reached: infinite); the
+time steps until then (wall time with every epoch equally long); at ``--pick-at`` of the budget, the report-half
+value of the configuration the searcher would pick (its best finished trial). Writes ``runs.csv``, ``summary.csv``
+and ``search_efficiency.png`` (median gap to the grid's best against trial-epochs) under ``--out``, prints a table
+and, last, one JSON object: ``{"fraction_to_grid_best": {"<searcher>[+asha]": {"1": f, "8": f, "32": f}},
+"shipped": "<the searcher a preset without search: gets>"}`` (the median fraction; null: not reached in most runs).
+
+    python benchmarks/search_efficiency.py [replay] [--tables GLOB ...] [--searchers grid random tpe_default tpe]
+        [--concurrency 1 8 32] [--seeds 30] [--jobs 1] [--out results/search_efficiency]
+
+Options of the improved search are measured by naming variants, e.g. ``--searchers tpe tpe:constant_liar=false
+tpe:n_startup_trials=10 tpe:stopped_trials=complete tpe:max_concurrent_per_study=4 tpe:warm_start=4``.
+``fabricate --out DIR`` writes small made-up tables (a known best) to try the replay without recording.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from raysd import artifacts, searchers
+from raysd.presets import METRICS, SEARCH_SPACES, Scheduler
+from raysd.search_settings import SearchSettings, SettingError, read_settings
+
+TABLES = Path(__file__).resolve().parent / "tables"
+SEARCHERS = ["grid", "random", "tpe_default", "tpe"]
+DEFAULT_GRIDS = {  # 4 x 3 x 3 = 36 configurations each
+    "dense_ae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [128, 256, 512], "bottleneck": [4, 8, 16]},
+    "conv_ae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [16, 32, 64], "bottleneck": [5, 10, 20]},
+}
+HP = "hp_"  # prefix of a table's grid-axis columns
+
+
+# ---------------------------------------------------------------------- tables
+@dataclass
+class Problem:
+    """One table: a family's grid on one machine type, with every configuration's learning curve."""
+
+    family: str
+    machine_type: str
+    metric: str
+    axes: dict[str, list]  # grid axis -> its values
+    configs: list[dict[str, Any]]  # configuration id -> its values
+    curves: np.ndarray  # (configurations, epochs): the selection metric after each epoch
+    report: np.ndarray  # (configurations,): the report-half value after the last epoch
+    index: dict[tuple, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {tuple(c[k] for k in self.axes): i for i, c in enumerate(self.configs)}
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.mode == "max" else -1.0
+
+    @property
+    def epochs(self) -> int:
+        return self.curves.shape[1]
+
+    @property
+    def grid_epochs(self) -> int:
+        return self.curves.size
+
+    @property
+    def best(self) -> float:
+        """The grid's best value after the last epoch."""
+        return float(self.sign * np.max(self.sign * self.curves[:, -1]))
+
+    @property
+    def worst(self) -> float:
+        return float(self.sign * np.min(self.sign * self.curves[:, -1]))
+
+    def config_id(self, params: dict[str, Any]) -> int:
+        return self.index[tuple(params[k] for k in self.axes)]
+
+    def space(self) -> dict[str, Any]:
+        """The replay's search space as a preset writes it: a choice over each axis's values."""
+        return {k: {"choice": list(v)} for k, v in self.axes.items()}
+
+
+def _py(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def problems(table: pd.DataFrame) -> list[Problem]:
+    """A table (columns family, machine_type, config, hp_*, epoch, metric, sel, report_final) as one problem per
+    (family, machine type)."""
+    out = []
+    axes_cols = [c for c in table.columns if c.startswith(HP)]
+    for (family, mt), g in table.groupby(["family", "machine_type"], sort=True):
+        g = g.sort_values(["config", "epoch"])
+        ids = sorted(g["config"].unique())
+        first = g.drop_duplicates("config").set_index("config").loc[ids]
+        axes = {c[len(HP):]: sorted({_py(v) for v in first[c]}) for c in axes_cols}
+        configs = [{c[len(HP):]: _py(first.loc[i, c]) for c in axes_cols} for i in ids]
+        epochs = int(g["epoch"].max())
+        curves = g.pivot(index="config", columns="epoch", values="sel").loc[ids, list(range(1, epochs + 1))]
+        if curves.isna().any().any():
+            raise ValueError(f"table {family}/{mt}: some configurations lack epochs")
+        out.append(Problem(str(family), str(mt), str(g["metric"].iloc[0]), axes, configs, curves.to_numpy(float),
+                           first["report_final"].to_numpy(float)))
+    return out
+
+
+def read_tables(patterns: Sequence[str]) -> list[Problem]:
+    paths = sorted({p for pat in patterns for p in glob.glob(pat)})
+    if not paths:
+        raise SystemExit(f"no tables match {list(patterns)}: record them first (python benchmarks/search_efficiency.py "
+                         f"record --family dense_ae), or try the replay on made-up ones (fabricate --out DIR)")
+    return [p for path in paths for p in problems(pd.read_csv(path))]
+
+
+def fabricate(family: str, machine_types: Sequence[str], axes: dict[str, list], epochs: int, seed: int = 0) -> pd.DataFrame:
+    """A made-up table: each configuration's curve rises to its own level at its own pace, with noise, and some
+    overfit after a peak; the best last-epoch configuration is unique."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    configs = [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
+    for mt in machine_types:
+        level = 0.55 + 0.35 * rng.random(len(configs))
+        level[rng.integers(len(configs))] = 0.97  # the known best
+        pace = rng.uniform(0.5, 3.0, len(configs))
+        overfit = rng.uniform(0.0, 0.02, len(configs)) * (rng.random(len(configs)) < 0.3)
+        for i, c in enumerate(configs):
+            for e in range(1, epochs + 1):
+                sel = level[i] * (1 - 0.5 * math.exp(-e / pace[i])) - overfit[i] * e + 0.005 * rng.standard_normal()
+                rows.append({"family": family, "machine_type": mt, "config": i, **{HP + k: v for k, v in c.items()},
+                             "epoch": e, "metric": "sel_auc", "sel": sel, "report_final": 0.0})
+    table = pd.DataFrame(rows)
+    last = table[table["epoch"] == epochs].index
+    table.loc[last, "sel"] += np.where(table.loc[last, "sel"].groupby(table.loc[last, "machine_type"]).rank(
+        ascending=False, method="first") == 1, 0.01, 0.0)  # a clear margin for the best
+    final = table.loc[last].set_index(["machine_type", "config"])["sel"]
+    table["report_final"] = [final[(m, c)] + 0.01 * rng.standard_normal()
+                             for m, c in zip(table["machine_type"], table["config"])]
+    return table
+
+
+# ---------------------------------------------------------------------- replay
+@dataclass(frozen=True)
+class ReplayConfig:
+    settings: SearchSettings
+    scheduler: Scheduler  # type 'asha' or 'none'
+    concurrency: int
+    seed: int
+    budget: float = 1.0  # of the grid's trial-epochs
+    pick_at: float = 1 / 3  # of the budget
+
+
+@dataclass
+class ReplayTrial:
+    """What ASHA reads of a Tune ``Trial``: its id."""
+
+    trial_id: str
+
+
+@dataclass
+class Replay:
+    budget: int
+    used: int = 0  # trial-epochs trained
+    steps: int = 0  # time steps (one epoch of every running trial)
+    trials: int = 0
+    configs: set[int] = field(default_factory=set)  # the distinct configurations tried
+    finished: list[tuple[int, int, int, float]] = field(default_factory=list)  # (used, steps, config, last value)
+
+
+class GridOrder:
+    """The grid's configurations in a seeded random order, then nothing (the searcher of ``search: grid``)."""
+
+    def __init__(self, p: Problem, seed: int):
+        self.configs = [p.configs[i] for i in np.random.default_rng(seed).permutation(len(p.configs))]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        return self.configs.pop(0) if self.configs else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+
+def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[dict]):
+    """The study's searcher as :func:`raysd.search.build_tuner` makes it (in-memory Optuna storage), handed the
+    space the way Tune hands it (``set_search_properties`` with a param space of ``tune.choice``)."""
+    from ray import tune
+
+    if not cfg.settings.optuna:
+        return GridOrder(p, cfg.seed)
+    spec = searchers.SearcherSpec(cfg.settings, p.metric, p.mode, num_samples, p.epochs, cfg.seed)
+    searcher = searchers.make_searcher(spec, f"{p.family}_{p.machine_type}", None, points)
+    assert searcher is not None
+    searcher.set_search_properties(p.metric, p.mode, {**{k: tune.choice(v) for k, v in p.axes.items()},
+                                                      "epochs": p.epochs})
+    return searcher
+
+
+def warm_points(p: Problem, cfg: ReplayConfig, siblings: Sequence[Problem], num_samples: int) -> list[dict]:
+    """The best finished configurations of the same search on the family's other machine types."""
+    cold = ReplayConfig(dataclasses.replace(cfg.settings, warm_start=0), cfg.scheduler, cfg.concurrency, cfg.seed,
+                        cfg.budget, cfg.pick_at)
+    results = [(s.configs[c], v) for s in siblings for _, _, c, v in replay(s, cold, stop_when_done=False).finished]
+    return searchers.warm_start_points(results, p.space(), min(cfg.settings.warm_start, num_samples), p.mode)
+
+
+def replay(p: Problem, cfg: ReplayConfig, siblings: Sequence[Problem] = (), stop_when_done: bool = True) -> Replay:
+    """One study replayed on a table (module docstring). ``stop_when_done``: end once the grid's best is reached
+    and the pick is known (nothing measured changes after that)."""
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    out = Replay(budget=int(round(cfg.budget * p.grid_epochs)))
+    num_samples = max(1, out.budget // p.epochs)  # the full-length trials the budget pays for
+    points = warm_points(p, cfg, siblings, num_samples) if cfg.settings.warm_start and siblings else []
+    searcher = make_searcher(p, cfg, num_samples, points)
+    scheduler = searchers.make_scheduler(cfg.scheduler, p.epochs) or FIFOScheduler()
+    scheduler.set_search_properties(p.metric, p.mode)
+    slots = searchers.study_concurrency(cfg.settings, cfg.concurrency)
+    pick_budget, best, reached = cfg.pick_at * out.budget, p.sign * p.best - 1e-12, False
+    running: list[list] = []  # [trial, configuration, epochs trained]
+    while out.used < out.budget and not (stop_when_done and reached and out.used >= pick_budget):
+        while len(running) < slots:
+            trial = ReplayTrial(f"t{out.trials}")
+            params = searcher.suggest(trial.trial_id)
+            if params is None:
+                break
+            out.trials += 1
+            scheduler.on_trial_add(None, trial)
+            running.append([trial, p.config_id(params), 0])
+            out.configs.add(running[-1][1])
+        if not running:
+            break
+        out.steps += 1
+        for r in list(running):
+            if out.used >= out.budget:
+                break
+            trial, c, done = r[0], r[1], r[2] + 1
+            r[2], out.used = done, out.used + 1
+            value = float(p.curves[c, done - 1])
+            result = {p.metric: value, "training_iteration": done, "epoch": done, "trial_id": trial.trial_id}
+            decision = scheduler.on_trial_result(None, trial, result)
+            if decision != TrialScheduler.STOP:
+                searcher.on_trial_result(trial.trial_id, result)
+            if decision == TrialScheduler.STOP or done == p.epochs:
+                scheduler.on_trial_complete(None, trial, result)
+                searcher.on_trial_complete(trial.trial_id, result)
+                running.remove(r)
+                if done == p.epochs:
+                    out.finished.append((out.used, out.steps, c, value))
+                    reached = reached or p.sign * value >= best
+    return out
+
+
+def measure(p: Problem, cfg: ReplayConfig, run: Replay, tolerance: float, fractions: np.ndarray) -> dict[str, Any]:
+    """A replay's figures (module docstring), and its gap to the grid's best at each fraction of the grid's
+    trial-epochs (``gap_<i>``; before any trial finished, the gap of the grid's worst configuration)."""
+    s = p.sign
+
+    def first(tol: float) -> tuple[float, float]:
+        hit = [(u, st) for u, st, _, v in run.finished if s * v >= s * p.best - tol - 1e-12]
+        return (float(hit[0][0]), float(hit[0][1])) if hit else (math.inf, math.inf)
+
+    (to_best, steps_best), (to_within, _) = first(0.0), first(tolerance)
+    early = [(s * v, -u, c) for u, _, c, v in run.finished if u <= cfg.pick_at * run.budget]
+    pick = max(early)[2] if early else None
+    best_config = int(np.argmax(s * p.curves[:, -1]))
+    row: dict[str, Any] = {
+        "family": p.family, "machine_type": p.machine_type, "searcher": cfg.settings.label(),
+        "scheduler": cfg.scheduler.type, "concurrency": cfg.concurrency, "seed": cfg.seed, "grid_epochs": p.grid_epochs,
+        "budget": run.budget, "used": run.used, "trials": run.trials,
+        "distinct": len(run.configs), "epochs_to_best": to_best,
+        "fraction_to_best": to_best / p.grid_epochs, "fraction_to_within": to_within / p.grid_epochs,
+        "steps_to_best": steps_best, "pick_config": pick,
+        "pick_sel": float(p.curves[pick, -1]) if pick is not None else math.nan,
+        "pick_report": float(p.report[pick]) if pick is not None else math.nan,
+        "grid_best_sel": p.best, "grid_best_report": float(p.report[best_config])}
+    for i, f in enumerate(fractions):
+        seen = [s * v for u, _, _, v in run.finished if u <= f * p.grid_epochs]
+        row[f"gap_{i}"] = s * p.best - (max(seen) if seen else s * p.worst)
+    return row
+
+
+# ---------------------------------------------------------------------- the benchmark
+PROBLEMS: list[Problem] = []
+
+
+def _init(problems_: list[Problem]) -> None:
+    global PROBLEMS
+    PROBLEMS = problems_
+    warnings.filterwarnings("ignore")  # Optuna's experimental-feature warnings, once per trial
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+def run_task(task: tuple[ReplayConfig, float, np.ndarray]) -> list[dict[str, Any]]:
+    cfg, tolerance, fractions = task
+    rows = []
+    for p in PROBLEMS:
+        siblings = [q for q in PROBLEMS if q.family == p.family and q is not p]
+        rows.append(measure(p, cfg, replay(p, cfg, siblings), tolerance, fractions))
+    return rows
+
+
+def label(row: dict | pd.Series) -> str:
+    return row["searcher"] + ("+asha" if row["scheduler"] == "asha" else "")
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    def q(x: pd.Series, p: float) -> float:
+        """A quantile in which a run that never reached (infinite) counts as the longest."""
+        return float(np.quantile(x.to_numpy(float), p, method="inverted_cdf"))  # a value of the sample: no inf - inf
+
+    rows = []
+    for (name, conc), g in runs.groupby([runs.apply(label, axis=1), "concurrency"], sort=False):
+        rows.append({"searcher": name, "concurrency": conc, "runs": len(g),
+                     "fraction_to_best_median": q(g["fraction_to_best"], 0.5),
+                     "fraction_to_best_q25": q(g["fraction_to_best"], 0.25),
+                     "fraction_to_best_q75": q(g["fraction_to_best"], 0.75),
+                     "reached_best": float(np.isfinite(g["fraction_to_best"]).mean()),
+                     "fraction_to_within_median": q(g["fraction_to_within"], 0.5),
+                     "fraction_to_within_q25": q(g["fraction_to_within"], 0.25),
+                     "fraction_to_within_q75": q(g["fraction_to_within"], 0.75),
+                     "steps_to_best_median": q(g["steps_to_best"], 0.5),
+                     "picked": float(g["pick_config"].notna().mean()),
+                     "pick_report_mean": float(g["pick_report"].mean()),
+                     "pick_report_median": float(g["pick_report"].median()),
+                     "grid_best_report_mean": float(g["grid_best_report"].mean()),
+                     "trials_median": float(g["trials"].median()), "distinct_median": float(g["distinct"].median())})
+    return pd.DataFrame(rows)
+
+
+def plot(runs: pd.DataFrame, fractions: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concs = sorted(runs["concurrency"].unique())
+    fig, axes = plt.subplots(2, len(concs), figsize=(4.2 * len(concs), 7), sharex=True, sharey=True, squeeze=False)
+    gaps = [f"gap_{i}" for i in range(len(fractions))]
+    for r, sched in enumerate(("none", "asha")):
+        for c, conc in enumerate(concs):
+            ax = axes[r][c]
+            sub = runs[(runs["scheduler"] == sched) & (runs["concurrency"] == conc)]
+            for name, g in sub.groupby("searcher", sort=False):
+                ax.plot(fractions, np.median(g[gaps].to_numpy(float), axis=0), label=name)
+            ax.set_title(f"{'ASHA' if sched == 'asha' else 'no scheduler'}, concurrency {conc}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if r == 1:
+                ax.set_xlabel("trial-epochs / grid's trial-epochs")
+            if c == 0:
+                ax.set_ylabel("median gap to the grid's best (selection)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_searcher(text: str) -> SearchSettings:
+    """``tpe`` or ``tpe:constant_liar=false,n_startup_trials=10`` as search settings."""
+    name, _, opts = text.partition(":")
+    raw: dict[str, Any] = {"algorithm": name}
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        raw[key] = yaml.safe_load(value)
+    try:
+        return read_settings(raw)
+    except SettingError as e:
+        raise SystemExit(f"searcher {text!r}: {e.key}: {e}") from None
+
+
+def run_replay(a: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    probs = read_tables(a.tables)
+    fractions = np.linspace(0.0, a.budget, 41)
+    settings = [parse_searcher(s) for s in a.searchers]
+    schedulers = [Scheduler("none"), Scheduler("asha", a.grace_period, a.reduction_factor)]
+    tasks = [(ReplayConfig(s, sch, conc, seed, a.budget, a.pick_at), a.tolerance, fractions)
+             for s in settings for sch in schedulers for conc in a.concurrency for seed in range(a.seeds)]
+    rows: list[dict] = []
+    if a.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(a.jobs, _init, (probs,)) as pool:
+            for part in pool.imap_unordered(run_task, tasks):
+                rows.extend(part)
+    else:
+        _init(probs)
+        for task in tasks:
+            rows.extend(run_task(task))
+    runs = pd.DataFrame(rows).sort_values(["searcher", "scheduler", "concurrency", "seed", "family", "machine_type"])
+    summary = summarise(runs)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out / "runs.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    plot(runs, fractions, out / "search_efficiency.png")
+    seconds = time.perf_counter() - t0
+    print(f"{len(probs)} table(s): " + ", ".join(f"{p.family}/{p.machine_type} ({len(p.configs)} configurations x "
+                                                 f"{p.epochs} epochs)" for p in probs))
+    print(f"{len(tasks)} replays x {len(probs)} tables in {seconds:.0f}s; budget {a.budget:g} x the grid's "
+          f"trial-epochs; pick at {a.pick_at:.2f} of it; ASHA grace {a.grace_period}, reduction {a.reduction_factor}")
+    print(f"{'searcher':44s} {'conc':>4s}  {'to best: median [IQR]':>24s} {'reached':>7s}  "
+          f"{f'to within {a.tolerance:g}':>22s}  {'steps':>6s}  {'pick report (picked)':>20s}  trials/distinct")
+    for r in summary.to_dict("records"):
+        print(f"{r['searcher']:44s} {r['concurrency']:4d}  {_iqr(r, 'fraction_to_best'):>24s} {r['reached_best']:7.0%}  "
+              f"{_iqr(r, 'fraction_to_within'):>22s}  {r['steps_to_best_median']:6.0f}  {r['pick_report_mean']:11.4f} "
+              f"({r['picked']:4.0%})  {r['trials_median']:.0f}/{r['distinct_median']:.0f}")
+    result: dict[str, dict[str, float | None]] = {}
+    for r in summary.to_dict("records"):
+        v = r["fraction_to_best_median"]
+        result.setdefault(r["searcher"], {})[str(r["concurrency"])] = round(v, 4) if math.isfinite(v) else None
+    return {"fraction_to_grid_best": result, "shipped": SearchSettings().label()}
+
+
+def _iqr(r: dict, key: str) -> str:
+    return f"{r[key + '_median']:.3f} [{r[key + '_q25']:.3f}, {r[key + '_q75']:.3f}]"
+
+
+# ---------------------------------------------------------------------- record
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``lr=1e-4,1e-3 batch_size=128,256`` as grid axes (values read as YAML scalars)."""
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        parsed = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key] = [float(v) if isinstance(v, str) and _is_float(v) else v for v in parsed]  # YAML 1.1 reads 1e-4 as text
+    return grid
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def recorded_table(exp: Path, board: pd.DataFrame, family: str, grid: dict[str, list], metric: str,
+                   epochs: int) -> pd.DataFrame:
+    """Every trial's selection value after each epoch (Tune's ``result.json``) and its report-half value (the
+    leaderboard), one row per (machine type, configuration, epoch)."""
+    report_col = metric.replace("sel_", "report_", 1)
+    report = dict(zip(board["trial_id"], board[report_col])) if report_col in board else {}
+    combos = list(itertools.product(*grid.values()))
+    rows, missing = [], []
+    for f in sorted(exp.glob(f"{artifacts.STUDIES_DIR}/*/*/result.json")):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if not lines:
+            continue
+        mt = f.parent.parent.name.split("__")[0]
+        params = lines[0]["config"]
+        cid = next(i for i, combo in enumerate(combos) if all(_same(params[k], v) for k, v in zip(grid, combo)))
+        values = {int(r.get("epoch", r["training_iteration"])): r[metric] for r in lines if metric in r}
+        if sorted(values) != list(range(1, epochs + 1)):
+            missing.append(f"{mt} {params}: epochs {sorted(values)}")
+            continue
+        for e, v in sorted(values.items()):
+            rows.append({"family": family, "machine_type": mt, "config": cid,
+                         **{HP + k: val for k, val in zip(grid, combos[cid])}, "epoch": e, "metric": metric, "sel": v,
+                         "report_final": report.get(lines[0]["trial_id"], math.nan)})
+    if missing:
+        raise RuntimeError("trials without a complete learning curve (rerun them):\n  " + "\n  ".join(missing))
+    return pd.DataFrame(rows).sort_values(["machine_type", "config", "epoch"]).reset_index(drop=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def run_record(a: argparse.Namespace, extra: list[str]) -> None:
+    grid = parse_grid(a.grid) if a.grid else DEFAULT_GRIDS.get(a.family)
+    if not grid:
+        raise SystemExit(f"no default grid for {a.family}: give --grid key=v1,v2 ...")
+    base = yaml.safe_load((SEARCH_SPACES / f"{a.preset}.yaml").read_text())
+    name = f"search_{a.family}"
+    body = {k: v for k, v in base.items() if k not in ("families", "scheduler", "search", "name", "description")}
+    body.update(name=name, description=f"benchmarks/search_efficiency.py record: the grid of {a.family}",
+                search={"algorithm": "grid"}, scheduler={"type": "none"},
+                families={a.family: {"epochs": a.epochs, "space": {k: {"choice": v} for k, v in grid.items()}}})
+    if a.machine_types:
+        body["machine_types"] = a.machine_types
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    preset = work / f"{name}.yaml"
+    preset.write_text(yaml.safe_dump(body, sort_keys=False))
+    results = work / "results" / name
+    cmd = [sys.executable, "-m", "raysd.search", str(preset), "--storage-path", str(work / "experiments"),
+           "--results-dir", str(results), *extra]
+    print("running: " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - t0
+    table = recorded_table(work / "experiments" / name, pd.read_csv(results / "leaderboard.csv"), a.family, grid,
+                           body.get("metric", "sel_auc"), a.epochs)
+    out = Path(a.out or TABLES / f"search_{a.family}.csv.gz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, compression={"method": "gzip", "mtime": 0})
+    about = {"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]), "preset": a.preset,
+             "grid": grid, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
+             "configurations": len(list(itertools.product(*grid.values()))), "seconds": round(seconds),
+             "recorded": time.strftime("%Y-%m-%d")}
+    out.with_name(out.name.replace(".csv.gz", ".json")).write_text(json.dumps(about, indent=1) + "\n")
+    print(f"{out}: {len(table)} rows ({about['configurations']} configurations x {a.epochs} epochs x "
+          f"{len(about['machine_types'])} machine types) in {seconds:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    if not argv or argv[0] not in ("record", "replay", "fabricate"):
+        argv = ["replay", *argv]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="train the grid once through raysd.search and write its table")
+    rec.add_argument("--family", required=True)
+    rec.add_argument("--grid", nargs="+", help=f"axes key=v1,v2,... (default for {', '.join(DEFAULT_GRIDS)}: 36 configurations)")
+    rec.add_argument("--epochs", type=int, default=8)
+    rec.add_argument("--preset", default="demo", help="the preset whose data and features to use (default demo)")
+    rec.add_argument("--machine-types", nargs="+", help="default: the preset's")
+    rec.add_argument("--work", default="experiments/search_efficiency", help="experiments and reports of the record run")
+    rec.add_argument("--out", help="the table (default benchmarks/tables/search_<family>.csv.gz)")
+    rep = sub.add_parser("replay", help="replay the searchers on the tables (the default)")
+    rep.add_argument("--tables", nargs="+", default=[str(TABLES / "search_*.csv.gz")])
+    rep.add_argument("--searchers", nargs="+", default=SEARCHERS, help="algorithms, or variants like tpe:warm_start=4")
+    rep.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    rep.add_argument("--seeds", type=int, default=30)
+    rep.add_argument("--budget", type=float, default=1.0, help="trial-epochs, as a fraction of the grid's")
+    rep.add_argument("--pick-at", type=float, default=1 / 3, help="the pick's budget, as a fraction of the budget")
+    rep.add_argument("--tolerance", type=float, default=0.005)
+    rep.add_argument("--grace-period", type=int, default=Scheduler.grace_period)
+    rep.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor)
+    rep.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
+    rep.add_argument("--out", default="results/search_efficiency")
+    fab = sub.add_parser("fabricate", help="write made-up tables (a known best) to try the replay")
+    fab.add_argument("--out", required=True)
+    fab.add_argument("--epochs", type=int, default=8)
+    a = p.parse_args(argv)
+    if a.command == "record":
+        run_record(a, extra)
+    elif a.command == "fabricate":
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for fam, axes in DEFAULT_GRIDS.items():
+            fabricate(fam, ["fan", "valve"], axes, a.epochs, seed=len(fam)).to_csv(out / f"search_{fam}.csv.gz", index=False)
+        print(f"made-up tables in {out}: replay them with --tables '{out}/search_*.csv.gz'")
+    else:
+        print(json.dumps(run_replay(a)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

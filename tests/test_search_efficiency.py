@@ -1,0 +1,152 @@
+"""The search benchmark (``benchmarks/search_efficiency.py``) at CI size: made-up tables with a known best, every
+searcher with and without ASHA at concurrency 1 and 4 for two seeds; it runs, respects its budget, a full grid
+finds the best, the JSON line has its shape; and ``record``'s reader turns Tune result files into a table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from raysd.presets import Scheduler
+from raysd.search_settings import SearchSettings
+from raysd.tune_optuna import ResumableOptunaSearch
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("search_efficiency", REPO / "benchmarks" / "search_efficiency.py")
+assert _spec is not None and _spec.loader is not None
+se = sys.modules["search_efficiency"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
+_spec.loader.exec_module(se)
+
+AXES = {"lr": [1e-4, 1e-3, 1e-2], "batch_size": [128, 256], "bottleneck": [4, 8]}  # 12 configurations
+SEARCHERS = ["grid", "random", "tpe_default", "tpe", "tpe:warm_start=2,max_concurrent_per_study=2"]
+ASHA = Scheduler("asha", 1, 2)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tables")
+    se.fabricate("dense_ae", ["fan", "valve"], AXES, epochs=5, seed=1).to_csv(out / "search_dense_ae.csv.gz", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def problems(tables: Path) -> list:
+    se._init([])
+    return se.read_tables([str(tables / "search_*.csv.gz")])
+
+
+def test_the_made_up_tables_read_back_with_their_best(problems: list) -> None:
+    assert [(p.family, p.machine_type, len(p.configs), p.epochs) for p in problems] == \
+        [("dense_ae", "fan", 12, 5), ("dense_ae", "valve", 12, 5)]
+    for p in problems:
+        last = np.sort(p.curves[:, -1])
+        assert p.best == last[-1] and last[-1] - last[-2] >= 0.01 and p.grid_epochs == 60 and p.mode == "max"
+        assert p.config_id(p.configs[7]) == 7 and p.space()["lr"] == {"choice": [1e-4, 1e-3, 1e-2]}
+
+
+@pytest.mark.parametrize("searcher", SEARCHERS)
+def test_every_searcher_runs_within_its_budget(problems: list, searcher: str) -> None:
+    settings = se.parse_searcher(searcher)
+    for scheduler in (Scheduler("none"), ASHA):
+        for concurrency in (1, 4):
+            for seed in (0, 1):
+                cfg = se.ReplayConfig(settings, scheduler, concurrency, seed, budget=0.75)
+                for p in problems:
+                    run = se.replay(p, cfg, [q for q in problems if q is not p], stop_when_done=False)
+                    assert run.budget == 45 and 0 < run.used <= run.budget and run.trials >= 1
+                    assert all(u <= run.budget for u, *_ in run.finished)
+                    if settings.algorithm != "grid":
+                        assert run.used == run.budget  # a searcher never runs dry: the budget ends the study
+                    row = se.measure(p, cfg, run, 0.005, np.linspace(0, 0.75, 5))
+                    assert row["fraction_to_within"] <= row["fraction_to_best"]
+                    assert row["gap_0"] == pytest.approx(p.best - p.worst) and row["gap_4"] >= 0
+
+
+def test_a_full_grid_finds_the_best_and_asha_stops_trials(problems: list) -> None:
+    grid = se.parse_searcher("grid")
+    for concurrency in (1, 4):
+        for p in problems:
+            run = se.replay(p, se.ReplayConfig(grid, Scheduler("none"), concurrency, 0), stop_when_done=False)
+            assert run.used == run.budget == p.grid_epochs and run.trials == len(run.configs) == 12
+            row = se.measure(p, se.ReplayConfig(grid, Scheduler("none"), concurrency, 0), run, 0.005, np.zeros(1))
+            assert row["fraction_to_best"] <= 1.0 and row["pick_config"] is not None
+            stopped = se.replay(p, se.ReplayConfig(grid, ASHA, concurrency, 0), stop_when_done=False)
+            assert stopped.trials == 12 and stopped.used < p.grid_epochs  # ASHA stopped some trials early
+
+
+def test_the_replay_drives_the_searcher_a_study_uses(problems: list) -> None:
+    p = problems[0]
+    cfg = se.ReplayConfig(SearchSettings(), ASHA, 2, 0)
+    searcher = se.make_searcher(p, cfg, 16, [])
+    assert isinstance(searcher, ResumableOptunaSearch) and searcher._sampler._n_startup_trials == 4
+    assert searcher._stopped_as_pruned and searcher._epochs == p.epochs
+    captured = {}
+    original = se.make_searcher
+
+    def spy(*args):
+        captured["s"] = original(*args)
+        return captured["s"]
+
+    se.make_searcher = spy
+    try:
+        se.replay(p, cfg, stop_when_done=False)
+    finally:
+        se.make_searcher = original
+    states = {t.state for t in captured["s"]._ot_study.trials}
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    warm = se.ReplayConfig(se.parse_searcher("tpe:warm_start=2"), Scheduler("none"), 1, 0)
+    points = se.warm_points(p, warm, problems[1:], 12)  # the best of the same search on the other machine type
+    assert len(points) == 2 and all(pt in p.configs for pt in points)
+    assert se.make_searcher(p, warm, 12, points)._ot_study.trials[0].system_attrs["fixed_params"] == points[0]
+
+
+def test_the_cli_prints_the_json_shape(tables: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert se.main(["--tables", str(tables / "search_*.csv.gz"), "--seeds", "2", "--concurrency", "1", "4",
+                    "--searchers", "grid", "tpe", "--out", str(out)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"fraction_to_grid_best", "shipped"} and last["shipped"] == "tpe"
+    assert set(last["fraction_to_grid_best"]) == {"grid", "grid+asha", "tpe", "tpe+asha"}
+    for per in last["fraction_to_grid_best"].values():
+        assert set(per) == {"1", "4"} and all(v is None or 0 < v <= 1 for v in per.values())
+    assert last["fraction_to_grid_best"]["grid"]["1"] is not None  # a full grid always finds its best
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 * 2 * 2 * 2 * 2 and (runs["used"] <= runs["budget"]).all()
+    assert (out / "summary.csv").exists() and (out / "search_efficiency.png").stat().st_size > 0
+
+
+def test_record_reads_every_epoch_of_every_trial(tmp_path: Path) -> None:
+    """What ``record`` reads after the grid search: Tune's result.json per trial and the leaderboard."""
+    grid = {"lr": [1e-3, 1e-2], "batch_size": [128, 256]}
+    exp = tmp_path / "exp"
+    board = []
+    for mt in ("fan", "valve"):
+        for i, (lr, bs) in enumerate([(a, b) for a in grid["lr"] for b in grid["batch_size"]]):
+            tid = f"{mt}{i}"
+            d = exp / "studies" / f"{mt}__dense_ae" / f"trainable_{tid}"
+            d.mkdir(parents=True)
+            lines = [{"trial_id": tid, "config": {"lr": lr, "batch_size": bs, "epochs": 3}, "training_iteration": e,
+                      "epoch": e, "sel_auc": 0.5 + 0.01 * i * e} for e in (1, 2, 3)]
+            (d / "result.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+            board.append({"trial_id": tid, "report_auc": 0.6 + 0.01 * i})
+    table = se.recorded_table(exp, pd.DataFrame(board), "dense_ae", grid, "sel_auc", 3)
+    assert len(table) == 2 * 4 * 3 and list(table.columns[:4]) == ["family", "machine_type", "config", "hp_lr"]
+    path = tmp_path / "t.csv.gz"
+    table.to_csv(path, index=False, compression={"method": "gzip", "mtime": 0})
+    fan, valve = se.read_tables([str(path)])
+    assert fan.curves.shape == (4, 3) and fan.curves[3, 2] == pytest.approx(0.5 + 0.09)
+    assert fan.configs[2] == {"lr": 1e-2, "batch_size": 128} and fan.report[3] == pytest.approx(0.63)
+    (exp / "studies" / "valve__dense_ae" / "trainable_valve0" / "result.json").write_text(
+        json.dumps({"trial_id": "valve0", "config": {"lr": 1e-3, "batch_size": 128}, "training_iteration": 1,
+                    "epoch": 1, "sel_auc": 0.5}) + "\n")
+    with pytest.raises(RuntimeError, match="complete learning curve"):
+        se.recorded_table(exp, pd.DataFrame(board), "dense_ae", grid, "sel_auc", 3)
+    assert not math.isnan(table["report_final"].iloc[0])
