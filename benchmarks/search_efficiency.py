@@ -496,7 +496,7 @@ def recorded_table(exp: Path, board: pd.DataFrame, family: str, grid: dict[str, 
     combos = list(itertools.product(*grid.values()))
     rows, missing = [], []
     for f in sorted(exp.glob(f"{artifacts.STUDIES_DIR}/*/*/result.json")):
-        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        lines = [r for r in map(_json_line, f.read_text().splitlines()) if r]
         if not lines:
             continue
         mt = f.parent.parent.name.split("__")[0]
@@ -513,6 +513,14 @@ def recorded_table(exp: Path, board: pd.DataFrame, family: str, grid: dict[str, 
     if missing:
         raise RuntimeError("trials without a complete learning curve (rerun them):\n  " + "\n  ".join(missing))
     return pd.DataFrame(rows).sort_values(["machine_type", "config", "epoch"]).reset_index(drop=True)
+
+
+def _json_line(line: str) -> dict | None:
+    """One result line; ``None`` for a blank or partly written one."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -125,3 +125,27 @@ def test_warm_start_reads_the_finished_trials_of_finished_siblings(tmp_path: Pat
     assert "no finished sibling study" in caplog.text
     off = searchers.SearcherSpec(SearchSettings(), "sel_auc", "max", 3, 4)
     assert searchers.warm_start(off, search, str(exp), "valve__dense_ae", ["fan__dense_ae"]) == []
+
+
+def test_a_resumed_searcher_told_again_of_a_stopped_trial_keeps_going(tmp_path: Path) -> None:
+    """Tune's snapshot predates Optuna pruning the trial: the resumed searcher is told of it again."""
+    from ray import tune
+
+    spec = searchers.SearcherSpec(SearchSettings(), "sel_auc", "max", num_samples=8, epochs=4)
+
+    def searcher():
+        s = searchers.make_searcher(spec, "s", optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}"))
+        s.set_search_properties("sel_auc", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
+        return s
+
+    first = searcher()
+    first.suggest("t1")
+    first.save(str(tmp_path / "snapshot.pkl"))
+    result = {"sel_auc": 0.7, "training_iteration": 1, "epoch": 1}
+    first.on_trial_complete("t1", result)  # stopped after its first epoch
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    resumed.on_trial_complete("t1", result)
+    assert "lr" in resumed.suggest("t2")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert [t.state.name for t in study.trials] == ["PRUNED", "RUNNING"] and study.trials[0].value == 0.7
