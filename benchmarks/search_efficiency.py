@@ -1,15 +1,16 @@
 """Search efficiency: grid, random, Optuna TPE as shipped before and the improved TPE, each with and without ASHA,
 replayed on learning curves recorded once through raysd's own search.
 
-``record`` (once; trains): a grid search through ``python -m raysd.search`` with ``search: grid`` and no scheduler
-on a synthetic data set (the ``demo`` preset's data and features unless ``--preset`` says otherwise), then the
-selection metric after every epoch of every trial (Tune's ``result.json`` of each trial) and the report-half
-value at its last epoch (the leaderboard's ``report_*`` column), one row per machine type, configuration and
-epoch, into ``benchmarks/tables/search_<family>.csv.gz`` with the command that made it beside it
-(``search_<family>.json``)::
+``record`` (once; trains): one grid search through ``python -m raysd.search`` with ``search: grid`` and no
+scheduler over every family (``dense_ae`` and ``conv_ae``, 36 configurations each, unless ``--families`` and
+``--grid`` say otherwise) on a synthetic data set (the ``demo`` preset's data, features and machine types unless
+``--preset`` and ``--machine-types`` say otherwise), then the selection metric after every epoch of every trial
+(Tune's ``result.json`` of each trial) and the report-half value at its last epoch (the leaderboard's
+``report_*`` column), one row per machine type, configuration and epoch, into
+``benchmarks/tables/search_<family>.csv.gz``, with the command that made it in ``search_<family>.json``::
 
-    python benchmarks/search_efficiency.py record --family dense_ae [--epochs 8] [--machine-types fan valve]
-        [--grid lr=1e-4,3e-4,1e-3,3e-3 batch_size=128,256,512 bottleneck=4,8,16] [-- RAYSD_SEARCH_ARGS ...]
+    python benchmarks/search_efficiency.py record [--families dense_ae conv_ae] [--epochs 8]
+        [--machine-types fan valve] [--grid lr=1e-4,3e-4 batch_size=128,256 ...] [-- RAYSD_SEARCH_ARGS ...]
 
 ``replay`` (the default; no training, minutes): every searcher x {no scheduler, ASHA} x concurrency x seed on
 every committed table. Replaying is a discrete-event simulation of one study: ``concurrency`` slots (under the
@@ -26,7 +27,8 @@ of how the axes are listed, and a random order measures over where it may fall. 
 (``tpe:warm_start=N``) starts each machine type from the best finished configurations of the same searcher's
 replay on the family's other machine types.
 
-Per replay: the budget is the grid's trial-epochs (configurations x epochs, times ``--budget``). A trial's value
+Per replay: the budget is the grid's trial-epochs (configurations x epochs, times ``--budget``); TPE's ``auto``
+start-up is sized to the full-length trials the budget pays for (36 for a 36-configuration grid). A trial's value
 is what the leaderboard ranks: a trial that ran every epoch, by its value at the last epoch (a trial ASHA stopped
 is no candidate). The grid's best is the best last-epoch value over the grid. Reported per searcher and
 concurrency: the trial-epochs used until a finished trial reaches the grid's best (and within ``--tolerance`` of
@@ -157,7 +159,7 @@ def read_tables(patterns: Sequence[str]) -> list[Problem]:
     paths = sorted({p for pat in patterns for p in glob.glob(pat)})
     if not paths:
         raise SystemExit(f"no tables match {list(patterns)}: record them first (python benchmarks/search_efficiency.py "
-                         f"record --family dense_ae), or try the replay on made-up ones (fabricate --out DIR)")
+                         f"record), or try the replay on made-up ones (fabricate --out DIR)")
     return [p for path in paths for p in problems(pd.read_csv(path))]
 
 
@@ -371,6 +373,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
                      "fraction_to_within_median": q(g["fraction_to_within"], 0.5),
                      "fraction_to_within_q25": q(g["fraction_to_within"], 0.25),
                      "fraction_to_within_q75": q(g["fraction_to_within"], 0.75),
+                     "epochs_to_best_median": q(g["epochs_to_best"], 0.5),
                      "steps_to_best_median": q(g["steps_to_best"], 0.5),
                      "picked": float(g["pick_config"].notna().mean()),
                      "pick_report_mean": float(g["pick_report"].mean()),
@@ -495,7 +498,7 @@ def recorded_table(exp: Path, board: pd.DataFrame, family: str, grid: dict[str, 
     report = dict(zip(board["trial_id"], board[report_col])) if report_col in board else {}
     combos = list(itertools.product(*grid.values()))
     rows, missing = [], []
-    for f in sorted(exp.glob(f"{artifacts.STUDIES_DIR}/*/*/result.json")):
+    for f in sorted(exp.glob(f"{artifacts.STUDIES_DIR}/*__{family}/*/result.json")):
         lines = [r for r in map(_json_line, f.read_text().splitlines()) if r]
         if not lines:
             continue
@@ -529,18 +532,29 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def run_record(a: argparse.Namespace, extra: list[str]) -> None:
-    grid = parse_grid(a.grid) if a.grid else DEFAULT_GRIDS.get(a.family)
-    if not grid:
-        raise SystemExit(f"no default grid for {a.family}: give --grid key=v1,v2 ...")
-    base = yaml.safe_load((SEARCH_SPACES / f"{a.preset}.yaml").read_text())
-    name = f"search_{a.family}"
+def record_preset(base_preset: str, name: str, grids: dict[str, dict[str, list]], epochs: int,
+                  machine_types: list[str] | None) -> dict[str, Any]:
+    """The record run's preset: the base preset's data and features, one grid per family, no scheduler."""
+    base = yaml.safe_load((SEARCH_SPACES / f"{base_preset}.yaml").read_text())
     body = {k: v for k, v in base.items() if k not in ("families", "scheduler", "search", "name", "description")}
-    body.update(name=name, description=f"benchmarks/search_efficiency.py record: the grid of {a.family}",
+    body.update(name=name, description="benchmarks/search_efficiency.py record: one grid per family",
                 search={"algorithm": "grid"}, scheduler={"type": "none"},
-                families={a.family: {"epochs": a.epochs, "space": {k: {"choice": v} for k, v in grid.items()}}})
-    if a.machine_types:
-        body["machine_types"] = a.machine_types
+                families={f: {"epochs": epochs, "space": {k: {"choice": v} for k, v in g.items()}} for f, g in grids.items()})
+    if machine_types:
+        body["machine_types"] = machine_types
+    return body
+
+
+def run_record(a: argparse.Namespace, extra: list[str]) -> None:
+    """One grid search over every family (their studies share the cluster), then one table per family."""
+    if a.grid and len(a.families) != 1:
+        raise SystemExit("--grid gives one family's grid: name one family with it")
+    grids = {f: parse_grid(a.grid) if a.grid else DEFAULT_GRIDS.get(f, {}) for f in a.families}
+    for f, grid in grids.items():
+        if not grid:
+            raise SystemExit(f"no default grid for {f}: give --grid key=v1,v2 ... (one family at a time)")
+    name = a.name
+    body = record_preset(a.preset, name, grids, a.epochs, a.machine_types)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     preset = work / f"{name}.yaml"
@@ -552,18 +566,21 @@ def run_record(a: argparse.Namespace, extra: list[str]) -> None:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - t0
-    table = recorded_table(work / "experiments" / name, pd.read_csv(results / "leaderboard.csv"), a.family, grid,
-                           body.get("metric", "sel_auc"), a.epochs)
-    out = Path(a.out or TABLES / f"search_{a.family}.csv.gz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, compression={"method": "gzip", "mtime": 0})
-    about = {"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]), "preset": a.preset,
-             "grid": grid, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
-             "configurations": len(list(itertools.product(*grid.values()))), "seconds": round(seconds),
-             "recorded": time.strftime("%Y-%m-%d")}
-    out.with_name(out.name.replace(".csv.gz", ".json")).write_text(json.dumps(about, indent=1) + "\n")
-    print(f"{out}: {len(table)} rows ({about['configurations']} configurations x {a.epochs} epochs x "
-          f"{len(about['machine_types'])} machine types) in {seconds:.0f}s")
+    board = pd.read_csv(results / "leaderboard.csv")
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for family, grid in grids.items():
+        table = recorded_table(work / "experiments" / name, board, family, grid, body.get("metric", "sel_auc"), a.epochs)
+        out = out_dir / f"search_{family}.csv.gz"
+        table.to_csv(out, index=False, compression={"method": "gzip", "mtime": 0})
+        about = {"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]), "preset": a.preset,
+                 "grid": grid, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
+                 "configurations": len(list(itertools.product(*grid.values()))),
+                 "search_seconds_all_families": round(seconds), "recorded": time.strftime("%Y-%m-%d")}
+        out.with_name(out.name.replace(".csv.gz", ".json")).write_text(json.dumps(about, indent=1) + "\n")
+        print(f"{out}: {len(table)} rows ({about['configurations']} configurations x {a.epochs} epochs x "
+              f"{len(about['machine_types'])} machine types)")
+    print(f"search of {len(grids)} famil(ies) in {seconds:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,13 +592,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="train the grid once through raysd.search and write its table")
-    rec.add_argument("--family", required=True)
-    rec.add_argument("--grid", nargs="+", help=f"axes key=v1,v2,... (default for {', '.join(DEFAULT_GRIDS)}: 36 configurations)")
+    rec.add_argument("--families", nargs="+", default=list(DEFAULT_GRIDS),
+                     help=f"default: {' '.join(DEFAULT_GRIDS)} (36 configurations each)")
+    rec.add_argument("--grid", nargs="+", help="one family's axes, key=v1,v2,... (default: the family's built-in grid)")
+    rec.add_argument("--name", default="search_efficiency", help="the experiment's name")
     rec.add_argument("--epochs", type=int, default=8)
     rec.add_argument("--preset", default="demo", help="the preset whose data and features to use (default demo)")
     rec.add_argument("--machine-types", nargs="+", help="default: the preset's")
-    rec.add_argument("--work", default="experiments/search_efficiency", help="experiments and reports of the record run")
-    rec.add_argument("--out", help="the table (default benchmarks/tables/search_<family>.csv.gz)")
+    rec.add_argument("--work", default="experiments/search_efficiency_record", help="the record run's experiment and reports")
+    rec.add_argument("--out-dir", default=str(TABLES), help="where search_<family>.csv.gz go (default benchmarks/tables)")
     rep = sub.add_parser("replay", help="replay the searchers on the tables (the default)")
     rep.add_argument("--tables", nargs="+", default=[str(TABLES / "search_*.csv.gz")])
     rep.add_argument("--searchers", nargs="+", default=SEARCHERS, help="algorithms, or variants like tpe:warm_start=4")

@@ -14,8 +14,9 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import yaml
 
-from raysd.presets import Scheduler
+from raysd.presets import Scheduler, load_preset
 from raysd.search_settings import SearchSettings
 from raysd.tune_optuna import ResumableOptunaSearch
 
@@ -150,3 +151,15 @@ def test_record_reads_every_epoch_of_every_trial(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="complete learning curve"):
         se.recorded_table(exp, pd.DataFrame(board), "dense_ae", grid, "sel_auc", 3)
     assert not math.isnan(table["report_final"].iloc[0])
+
+
+def test_the_record_run_is_a_grid_of_36_per_family_and_machine_type(tmp_path: Path) -> None:
+    body = se.record_preset("demo", "rec", se.DEFAULT_GRIDS, 8, None)
+    path = tmp_path / "rec.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    preset = load_preset(path)
+    assert preset.machine_types == ["fan", "valve"] and preset.scheduler.type == "none"
+    assert {f: (s.search.algorithm, s.trials(), s.epochs) for f, s in preset.families.items()} == \
+        {"dense_ae": ("grid", 36, 8), "conv_ae": ("grid", 36, 8)}
+    assert se.parse_grid(["lr=1e-4,1e-3", "batch_size=128,256", "crop=none,crop"]) == \
+        {"lr": [1e-4, 1e-3], "batch_size": [128, 256], "crop": ["none", "crop"]}
