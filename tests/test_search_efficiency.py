@@ -163,3 +163,20 @@ def test_the_record_run_is_a_grid_of_36_per_family_and_machine_type(tmp_path: Pa
         {"dense_ae": ("grid", 36, 8), "conv_ae": ("grid", 36, 8)}
     assert se.parse_grid(["lr=1e-4,1e-3", "batch_size=128,256", "crop=none,crop"]) == \
         {"lr": [1e-4, 1e-3], "batch_size": [128, 256], "crop": ["none", "crop"]}
+
+
+@pytest.mark.slow
+def test_record_and_replay_through_raysd_search(tiny_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``record`` end to end on a 2-configuration grid of 2-epoch trials (Ray starts), then its table replayed."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    tables = tmp_path / "tables"
+    assert se.main(["record", "--families", "dense_ae", "--grid", "lr=1e-3,3e-3", "--epochs", "2", "--machine-types",
+                    "fan", "--work", str(tmp_path / "work"), "--out-dir", str(tables), "--",
+                    "--data-root", str(tiny_root), "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = pd.read_csv(tables / "search_dense_ae.csv.gz")
+    assert len(table) == 2 * 2 and set(table["hp_lr"]) == {1e-3, 3e-3} and table["report_final"].notna().all()
+    assert json.loads((tables / "search_dense_ae.json").read_text())["configurations"] == 2
+    assert se.main(["--tables", str(tables / "search_*.csv.gz"), "--seeds", "1", "--concurrency", "1",
+                    "--searchers", "grid", "tpe", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fraction_to_grid_best"]["grid"]["1"] <= 1
