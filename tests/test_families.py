@@ -130,7 +130,8 @@ def test_cli_lists_every_family_with_its_hyperparameters(capsys):
             assert h["default"] == (list(default) if isinstance(default, tuple) else default) or \
                 fields[h["name"]].default_factory is not dataclasses.MISSING
         view = REGISTRY[name]().view()
-        assert entry["view"] == {"frames": view.frames, "hop": view.hop, "layout": view.layout}
+        assert entry["view"] == {"frames": view.frames, "hop": view.hop, "layout": view.layout,
+                                 **({"extras": [e.to_dict() for e in view.extras]} if view.extras else {})}
     assert main([]) == 0
     text = capsys.readouterr().out
     for name in FAMILIES:

@@ -48,7 +48,8 @@ def describe(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "description": cls.description,
-        "view": {"frames": view.frames, "hop": view.hop, "layout": view.layout},
+        "view": {"frames": view.frames, "hop": view.hop, "layout": view.layout,
+                 **({"extras": [e.to_dict() for e in view.extras]} if view.extras else {})},
         "hyperparameters": describe_config(cls.Config),
     }
 
@@ -56,7 +57,8 @@ def describe(name: str) -> dict[str, Any]:
 def format_view(v: dict[str, Any]) -> str:
     size = "whole clip" if v["frames"] == 0 else f"{v['frames']} frames, hop {v['hop']}"
     kind = "frame vectors (frames x mels, flattened)" if v["layout"] == "vector" else "images (1 x mels x frames)"
-    return f"{kind}; {size}"
+    extras = "".join(f"; with the {e['kind']} of the whole clip" for e in v.get("extras", []))
+    return f"{kind}; {size}{extras}"
 
 
 def format_rows(rows: list[dict[str, Any]], indent: str = "    ") -> list[str]:
