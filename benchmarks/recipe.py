@@ -17,6 +17,11 @@ For each layout (``--layouts``, default the DCASE 2020 and 2023 layouts of the s
 
     python benchmarks/recipe.py [--preset small] [--layouts dcase2020,dcase2023] [--trials 3] [--epochs 4]
                                 [--families dense_ae,id_classifier,triplet,adacos_knn] [--work DIR]
+                                [--prior EXPERIMENT --prior-families dense_ae,...] [--tag TAG]
+
+``--prior`` reuses the finished trials of an earlier search of the same data and budget (e.g. one this script or
+``benchmarks/dataset_scope.py`` ran) for ``--prior-families`` instead of training them again; ``--tag`` names the
+new search apart from an earlier one.
 
 Prints one JSON object on its last line.
 """
@@ -80,18 +85,22 @@ def run_layout(work: Path, layout: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     data = synth.generate(work / f"data_{layout}", args.preset, seed=0, layout=layout)
     out: dict = {"generate_s": round(time.perf_counter() - t0, 1)}
-    body = {**preset(f"recipe_{layout}", families(args.trials, args.epochs, args.families)), "rule": rule}
+    body = {**preset(f"recipe_{layout}{args.tag}", families(args.trials, args.epochs, args.families)), "rule": rule}
     t0 = time.perf_counter()
     recs = records(search(work, data, body))
     out["search_s"] = round(time.perf_counter() - t0, 1)
-    out["official"] = {f: official(best_table(recs, f), rule) for f in args.families}
-    out["trials_finished"] = {f: sum(r.family == f for r in recs) for f in args.families}
+    for prior in args.prior:
+        recs += [r for r in records(Path(prior)) if r.family in args.prior_families]
+    every = [*args.prior_families, *args.families]
+    out["official"] = {f: official(best_table(recs, f), rule) for f in every}
+    out["trials_finished"] = {f: sum(r.family == f for r in recs) for f in every}
+    out["prior"] = {"experiments": args.prior, "families": args.prior_families}
     if "adacos_knn" not in args.families:
         return out
     top = best([r for r in recs if r.family == "adacos_knn"])
     config = {k: v for k, v in top.params.items() if k not in ("epochs", "seed")}
     out["adacos_knn_best"] = config
-    seeds = {**preset(f"recipe_{layout}_seeds", {"adacos_knn": {"repeats": 3, "epochs": args.epochs, "space": config}}),
+    seeds = {**preset(f"recipe_{layout}{args.tag}_seeds", {"adacos_knn": {"repeats": 3, "epochs": args.epochs, "space": config}}),
              "rule": rule}
     t0 = time.perf_counter()
     search(work, data, seeds)
@@ -109,8 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="trials per study")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--work", help="working folder (default: a temporary one)")
+    p.add_argument("--prior", action="append", default=[], help="an earlier experiment folder (repeatable)")
+    p.add_argument("--prior-families", default="", help="the families whose trials --prior supplies")
+    p.add_argument("--tag", default="", help="suffix of the experiment names")
     args = p.parse_args(argv)
-    args.families = args.families.split(",")
+    args.families = [f for f in args.families.split(",") if f]
+    args.prior_families = [f for f in args.prior_families.split(",") if f]
+    if set(args.families) & set(args.prior_families):
+        p.error("a family is either trained (--families) or taken from --prior (--prior-families), not both")
+    if len(args.layouts.split(",")) > 1 and args.prior:
+        p.error("--prior goes with one layout at a time")
     work = Path(args.work or tempfile.mkdtemp(prefix="raysd-recipe-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"preset": args.preset, "trials": args.trials, "epochs": args.epochs, "work": str(work)}
