@@ -158,7 +158,8 @@ class Preset:
         """The view of an entry's first configuration (each searched key at its first value), e.g. to know which
         extra features to extract before trials start."""
         family_cls = get_family(self.families[entry].family)
-        return family_cls(family_cls.Config(**_context(self.families[entry].space, family_cls, ""))).view()
+        config = make_config(family_cls.Config, _context(self.families[entry].space, family_cls, ""), str(self.path))
+        return family_cls(config).view()
 
 
 def _err(path: Path, key: str, msg: str) -> PresetError:

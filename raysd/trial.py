@@ -109,7 +109,7 @@ def distributed_scores(trainer: Trainer, data: ClipSet, rank: int, world: int) -
     """Each rank scores every ``world``-th clip; every rank gets the full score vector back."""
     n = len(data)
     idx = torch.arange(rank, n, world)
-    part = trainer.score(data.subset(idx)) if len(idx) else np.zeros(0)
+    part = trainer.score(data if world == 1 else data.subset(idx)) if len(idx) else np.zeros(0)
     parts = _gather(part, world)
     out = np.empty(n)
     for r, p in enumerate(parts):
@@ -212,7 +212,8 @@ def worker_data(job: StudyJob, types: tuple[str, ...], hp_crop: str, view: View,
     labelled = test_rows["label"].notna().to_numpy()
     halves = test_half(test_rows["file"])
     sel_idx = torch.from_numpy(np.flatnonzero(labelled & (halves == "selection")))
-    return WorkerData(study, spec, train_full, shard_idx, train_full.subset(shard_idx),
+    shard = train_full if world == 1 else train_full.subset(shard_idx)  # one worker: no second copy on the device
+    return WorkerData(study, spec, train_full, shard_idx, shard,
                       study.heldout_set(view).to(device) if study.has_heldout else None, test, test_rows,
                       test.subset(sel_idx).to(device), test_rows.iloc[sel_idx.numpy()])
 

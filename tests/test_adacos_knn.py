@@ -163,3 +163,26 @@ def test_a_clip_set_carries_its_extra_features_through_batches_and_subsets():
     assert torch.equal(data.subset(torch.tensor([4, 2])).extras[0][:, 0], torch.tensor([4.0, 2.0]))
     with pytest.raises(ValueError, match="extra feature"):
         ClipSet(clips, torch.arange(5) % 2, view)
+
+
+def test_no_training_batch_of_one_window_and_no_mixup_in_the_held_out_loss():
+    """BatchNorm needs two samples: a last batch of one clip joins the one before. The held-out loss (eval mode)
+    does not mix, so it is the same twice, and a class unseen in training (-1) adds nothing."""
+    from raysd.data.views import View
+    from raysd.families.clips import DataInfo
+
+    view = View(frames=0, layout="image", extras=(SpectrumSpec(),))
+    data = ClipSet(torch.randn(9, 8, 12), torch.arange(9) % 2, view, extras=[torch.rand(9, 300)])
+    sizes = [b.x.shape[0] for b in data.batches(4, generator=torch.Generator().manual_seed(0))]
+    assert sizes == [4, 5] and sum(sizes) == 9
+    assert [b.x.shape[0] for b in data.batches(3, shuffle=False)] == [3, 3, 3]
+
+    fam, hp = create_family("adacos_knn", {"labels": "type_section", "channels": [4, 8], "emb_size": 8})
+    trainer = Trainer(fam, hp, DataInfo(8, 12, 2, ("a", "b"), extra_shapes=((300,),)))
+    trainer.model.eval()
+    batch = data.batch(torch.arange(9))
+    with torch.no_grad():
+        first, second = fam.loss(trainer.model, batch), fam.loss(trainer.model, batch)
+        unseen = ClipSet(data.clips, torch.tensor([0, 1, -1, 0, 1, -1, 0, 1, -1]), view, extras=data.extras)
+        partial = fam.loss(trainer.model, unseen.batch(torch.arange(9)))
+    assert torch.equal(first, second) and torch.isfinite(partial)

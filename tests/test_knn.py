@@ -118,3 +118,43 @@ def test_scores_on_the_gpu_match_the_cpu() -> None:
     assert gpu.bank.is_cuda
     x, s = case["anomaly"], torch.zeros(100, dtype=torch.long)
     assert torch.allclose(gpu(x, s).cpu(), cpu(x, s), atol=1e-5)
+
+
+def test_a_training_clip_is_scored_without_itself_and_centres_are_never_left_out() -> None:
+    """Leave-one-out by input fingerprint: a training clip's score is its distance to the nearest other clip,
+    not 0; an old state without fingerprints still loads and scores as before."""
+    from raysd.families.knn import clip_keys
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, D, generator=g)
+    windows = torch.randn(6, 2, 5, generator=g)  # the clips' inputs, fingerprinted
+    sections, domains = torch.zeros(6, dtype=torch.long), torch.full((6,), TARGET)
+    scorer = KnnScorer(k=1).fit(x, sections, domains, clip_keys(windows))
+    with_self = scorer(x, sections)
+    assert torch.allclose(with_self, torch.zeros(6), atol=1e-6)
+    loo = scorer(x, sections, clip_keys(windows))
+    unit = torch.nn.functional.normalize(x, dim=1)
+    dist = 1 - unit @ unit.T
+    expect = dist.masked_fill(torch.eye(6, dtype=torch.bool), float("inf")).min(1).values
+    assert torch.allclose(loo, expect, atol=1e-6) and (loo > 0.01).all()
+    assert torch.allclose(scorer(x, sections, clip_keys(windows[[1, 0, 2, 3, 4, 5]] * 1.5)), with_self, atol=1e-6)
+
+    means = KnnScorer(k=1, source_means=2).fit(torch.cat([x, x + 0.01]), torch.zeros(12, dtype=torch.long),
+                                               torch.full((12,), SOURCE), clip_keys(torch.cat([windows, windows])))
+    assert means.bank_key.isnan().all()  # centres are no clip: never left out
+
+    old = {k: v for k, v in scorer.state_dict().items() if k != "bank_key"}
+    fresh = KnnScorer(k=1)
+    fresh.load_state_dict(old)
+    assert torch.allclose(fresh(x, sections, clip_keys(windows)), with_self, atol=1e-6)
+
+
+def test_scores_under_bf16_autocast_equal_float32() -> None:
+    """Cosine distances are computed in float32 even inside autocast (bf16 would round them to ~0.004 steps)."""
+    case = _domain_shift_case()
+    scorer = KnnScorer(k=2, source_means=16).fit(case["train"], case["train_sections"], case["train_domains"])
+    x = torch.cat([case["source_normal"], case["anomaly"]])
+    plain = _scores(scorer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = _scores(scorer, x)
+    np.testing.assert_allclose(mixed, plain, rtol=1e-5, atol=1e-6)

@@ -3,16 +3,18 @@
 A spec is the cache key of the feature store: two specs that compare equal produce identical features.
 ``FeatureSpec`` is the log-mel every family windows; ``SpectrumSpec`` is the magnitude of one FFT over the
 whole clip (the tonal lines of rotating machines that a spectrogram's short windows blur), which a family asks
-for through its :class:`raysd.data.views.View`. Both share the extraction loop: decode once, resample, then
-each spec's ``transform()`` on the batch. ``FeatureSpec`` Crop variants (Rajani, 2022) are named presets of (n_mels, kept mel-bin range):
+for through its :class:`raysd.data.views.View`. Both run through one extraction loop: decode, resample, then
+each spec's ``transform()`` on the batch.
+
+The log-mel's crop variants (Rajani, 2022) are named presets of (n_mels, kept mel-bin range):
 
 - ``none``:  64 mels, all kept
 - ``crop``:  128 mels, bins 64-127 kept (ignores low-frequency traffic rumble)
 - ``tight``: 256 mels, bins 128-191 kept (bird band only)
 - ``default``: the spec's own ``n_mels`` and ``mel_range`` unchanged.
 
-``extract`` is the batched, threaded extraction loop that ``raysd.data.store.FeatureStore`` (the on-disk cache)
-and ``raysd.score`` (new recordings) run.
+``extract`` (one spec) is what ``raysd.data.store.FeatureStore`` runs to fill the on-disk cache, one spec at a
+time; ``extract_all`` (several specs from one decode) is what ``raysd.score`` runs on new recordings.
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ class SpectrumSpec:
     kind: ClassVar[str] = "spectrum"
 
     def __post_init__(self) -> None:
+        for name in ("f_min", "f_max", "clip_seconds"):  # 8000 and 8000.0 must give one cache key
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "sample_rate", int(self.sample_rate))
         if self.f_min < 0 or (self.f_max is not None and self.f_max <= self.f_min):
             raise ValueError(f"SpectrumSpec needs 0 <= f_min < f_max, got f_min={self.f_min}, f_max={self.f_max}")
         if self.sample_rate and self.f_max is not None and self.f_max > self.sample_rate / 2:

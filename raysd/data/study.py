@@ -112,13 +112,15 @@ class StudyData:
                 f"training clips per class: min {counts.min()}, median {counts.median():g}, max {counts.max()}")
 
 
-def _present(store: FeatureStore, table: pd.DataFrame, what: str) -> pd.DataFrame:
-    rows = store.row_of(table, missing="mark")
-    if (rows < 0).any():
-        bad = table[rows < 0]
+def _present(stores: Sequence[FeatureStore], table: pd.DataFrame, what: str) -> pd.DataFrame:
+    ok = np.ones(len(table), bool)
+    for store in stores:
+        ok &= store.row_of(table, missing="mark") >= 0
+    if not ok.all():
+        bad = table[~ok]
         warnings.warn(f"{what}: {len(bad)} clip(s) have no features (failed to decode) and are left out, "
                       f"e.g. {bad['file'].iloc[0]}", RuntimeWarning, stacklevel=3)
-    return table[rows >= 0].reset_index(drop=True)
+    return table[ok].reset_index(drop=True)
 
 
 def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str], labelling: str = "section",
@@ -139,8 +141,9 @@ def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str],
     name = wanted[0] if len(wanted) == 1 else ALL_TYPES
     mine = t[t["machine_type"].isin(wanted)]
     where = f"machine type {name!r}" if len(wanted) == 1 else f"machine types {', '.join(wanted)}"
-    train = _present(store, mine[mine["split"] == "train"], f"{where} train")
-    test = _present(store, mine[mine["split"] == "test"], f"{where} test")
+    stores = [store, *extra_stores]
+    train = _present(stores, mine[mine["split"] == "train"], f"{where} train")
+    test = _present(stores, mine[mine["split"] == "test"], f"{where} test")
     if train.empty:
         raise ValueError(f"{where} has no training clips with features in {catalog.root}")
     spec = store.spec
@@ -151,7 +154,7 @@ def load_study(catalog, store: FeatureStore, machine_types: str | Sequence[str],
                     sample_rate=spec.sample_rate, f_max=float(spec.f_max or spec.sample_rate / 2), labelling=labelling,
                     section_names=tuple(sorted(set(section_keys(train)))),
                     extra_shapes=tuple(s.spec.item_shape for s in extra_stores))
-    held = _present(store, mine[mine["split"] == "heldout"], f"{where} held-out")
+    held = _present(stores, mine[mine["split"] == "heldout"], f"{where} held-out")
     return StudyData(name, spec, info, store.get(train), train, store.get(test), test,
                      store.get(held) if len(held) else None, held if len(held) else None, tuple(wanted),
                      tuple(extra_stores))

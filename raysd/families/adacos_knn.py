@@ -15,12 +15,22 @@ auxiliary tasks for domain generalization in anomalous sound detection", ICASSP 
 - A clip's anomaly score is the cosine distance of its embedding to the nearest training embeddings of its
   section, per domain (:class:`raysd.families.knn.KnnScorer`, k-means centres for the source domain).
 
-Defaults are the published ones (ICASSP 2023 code): 128-dimensional embeddings per branch, 16 sub-clusters, mixup
-on every batch, batch size 64, Adam at 1e-3 with an L2 weight decay of 1e-5, 10 epochs, 16 source-domain means.
-Where raysd differs, it is because its features are cached rather than computed from the waveform in the
-network: the spectrogram branch reads the log-mel (the published one a linear-frequency magnitude STFT), and
-mixup mixes the cached inputs (log-mels in the power domain, spectra as magnitudes, with the same proportion)
-instead of the waveforms.
+The family's defaults are the published ones (ICASSP 2023 code): 128-dimensional embeddings per branch, 16
+sub-clusters with fixed centres, mixup on every batch, 16 source-domain means. The published training settings
+(batch size 64, Adam at 1e-3 with an L2 weight decay of 1e-5, 10 epochs) are shared hyperparameters
+(:class:`raysd.families.hparams.TrainHP`, whose own defaults every family shares): the presets set them, as their
+first enqueued trial. Where raysd differs from the published code:
+
+- its features are cached rather than computed from the waveform in the network, so the spectrogram branch reads
+  the log-mel (the published one a linear-frequency magnitude STFT), and mixup mixes the cached inputs (log-mels
+  in the power domain, spectra as magnitudes, one proportion per clip) instead of the waveforms, with a partner
+  of another class (the published code pairs the batch with itself reversed);
+- the ``attribute`` labels are machine type x section x attributes; the published classes also split by domain;
+- the spectrum passes a BatchNorm first (the published branch takes raw magnitudes), the residual shortcut takes
+  the block's input before its BatchNorm, and the strided convolutions pad ``(kernel - stride) / 2`` per side;
+- the kNN score's source-domain means come from the source clips only (:class:`KnnScorer`), and PyTorch's Adam
+  weight decay adds ``wd * w`` to the gradient (Keras' L2 regulariser adds ``2 * wd * w``) and also decays
+  BatchNorm parameters.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from raysd.families.blocks import dense_stack, resnet_stages
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.heads import make_head
 from raysd.families.hparams import AuxTaskConfig, Labelling, Scope
-from raysd.families.knn import KnnScorer, fit_scorer
+from raysd.families.knn import KnnScorer, clip_keys, fit_scorer
 
 Branches = Literal["both", "spectrum", "spectrogram"]
 Extra = tuple[torch.Tensor, ...]
@@ -125,8 +135,10 @@ class SpectrogramBranch(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, channels[0], 7, 2, 3, bias=False), nn.BatchNorm2d(channels[0]),
                                   nn.ReLU(), nn.MaxPool2d(3, 2, 1))
         self.stages = resnet_stages(channels[0], channels, blocks)
+        self.eval()  # the shape probe must not move the BatchNorm statistics
         with torch.no_grad():
-            width = self._pooled(torch.zeros(2, 1, n_mels, n_frames)).shape[1]
+            width = self._pooled(torch.zeros(1, 1, n_mels, n_frames)).shape[1]
+        self.train()
         self.flat_norm = nn.BatchNorm1d(width)
         self.out = nn.Linear(width, emb, bias=False)
 
@@ -181,15 +193,18 @@ class AdacosKnnNet(nn.Module):
 
     def forward(self, x: torch.Tensor, extra: Extra = (), target: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits over the classes; with ``labels`` (training), the inputs are mixed first and (logits, target
-        distributions) returned."""
-        if labels is not None:
+        """Logits over the classes; with ``labels``, (logits, target distributions), the inputs mixed first in
+        training mode."""
+        if labels is not None and self.training:
             x, extra, target = self.mix(x, extra, labels)
+            return self.head(self.embed(x, extra), target), target
+        if labels is not None:  # held-out loss: no mixup; a class unseen in training (-1) weighs nothing
+            target = F.one_hot(labels.clamp(min=0), self.n_classes).float() * (labels >= 0)[:, None]
             return self.head(self.embed(x, extra), target), target
         return self.head(self.embed(x, extra), target)
 
 
-def clip_embeddings(net: AdacosKnnNet, windows: torch.Tensor, extra: Extra) -> torch.Tensor:
+def _embed_clips(net: AdacosKnnNet, windows: torch.Tensor, extra: Extra) -> torch.Tensor:
     """(B, P, *shape) windows with their clips' extra features -> (B, D) mean window embeddings."""
     b, p = windows.shape[:2]
     per_window = tuple(e.repeat_interleave(p, dim=0) for e in extra)
@@ -222,12 +237,12 @@ class AdacosKnnFamily(Family):
     def after_training(self, model: nn.Module, data: ClipSet) -> None:
         net = cast(AdacosKnnNet, model)
         recalibrate_batchnorm(net, data, self.hp.precise_bn, batch_size=64)
-        fit_scorer(net.knn, lambda w, e: clip_embeddings(net, w, e), data)
+        fit_scorer(net.knn, lambda w, e: _embed_clips(net, w, e), data)
 
     def score(self, model: nn.Module, windows: torch.Tensor, labels: torch.Tensor,
               sections: torch.Tensor | None = None, extra: Extra = ()) -> torch.Tensor:
         net = cast(AdacosKnnNet, model)
-        return net.knn(clip_embeddings(net, windows, extra), labels if sections is None else sections)
+        return net.knn(_embed_clips(net, windows, extra), labels if sections is None else sections, clip_keys(windows))
 
     def embed(self, model: nn.Module, x: torch.Tensor, extra: Extra = ()) -> torch.Tensor:
         return cast(AdacosKnnNet, model).embed(x, extra)

@@ -104,15 +104,18 @@ class ClipSet:
         self, batch_size: int, shuffle: bool = True, generator: torch.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[Batch]:
-        """One epoch over every window of every clip."""
+        """One epoch over every window of every clip; a last batch of a single window joins the one before."""
         n = self.num_windows
         if shuffle:
             order = torch.randperm(n, generator=generator, device="cpu").to(self.device)
         else:
             order = torch.arange(n, device=self.device)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for i in range(0, stop, batch_size):
-            yield self.batch(order[i:i + batch_size])
+        starts = list(range(0, stop, batch_size))
+        if len(starts) > 1 and stop - starts[-1] == 1:
+            starts.pop()  # a batch of one window has no batch statistics: the last batch takes it
+        for i, j in zip(starts, [*starts[1:], stop]):
+            yield self.batch(order[i:j])
 
     def clip_batches(self, clips_per_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(clip indices, windows (B, P, *shape), labels) in clip order, for scoring; ``sections[idx]``,

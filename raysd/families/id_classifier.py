@@ -52,7 +52,7 @@ from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.heads import HeadKind, make_head
 from raysd.families.hparams import AuxTaskConfig
-from raysd.families.knn import KnnScorer, clip_embeddings, fit_scorer
+from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 
 def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.2) -> tuple[nn.Module, int]:
@@ -211,7 +211,8 @@ class IdClassifierFamily(Family):
         net = cast(IdClassifierNet, model)
         if net.knn is None:
             return super().score(model, windows, labels, sections, extra)
-        return net.knn(clip_embeddings(net.features, windows), labels if sections is None else sections)
+        return net.knn(clip_embeddings(net.features, windows), labels if sections is None else sections,
+                       clip_keys(windows))
 
     def class_log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """log p(class | patch) over every output class (IDs first, then each warp's copies)."""

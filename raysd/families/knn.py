@@ -11,11 +11,19 @@ merely because its domain is sparse.
 
 :class:`KnnScorer` keeps the (reduced) training embeddings, their sections and domains as buffers: a
 ``state_dict`` restores the scorer, including through ``torch.load(..., weights_only=True)``, and
-scoring runs in batches on the module's device.
+scoring runs in batches on the module's device, in float32 even under autocast (bf16 would round cosine
+distances below 0.5 to steps of about 0.004, coarser than the gaps between normal clips' neighbours).
+
+A training clip must not be its own nearest neighbour: its score would be about 0, and the training scores set
+the standardisation of ensembles and the decision thresholds. Each bank entry that is one clip (not a k-means
+centre) keeps a fingerprint of that clip's input (:func:`clip_keys`), and a query with the same fingerprint
+does not see that entry: training clips are scored leave-one-out, and a test clip that is a copy of a training
+clip is scored against the others.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +35,8 @@ from torch import nn
 from raysd.families.clips import ClipSet
 
 SOURCE, TARGET = 0, 1
-_BANK = ("bank", "bank_section", "bank_domain")
+_BANK = ("bank", "bank_section", "bank_domain", "bank_key")
+KEY_RTOL = 1e-9
 
 
 class KnnScorer(nn.Module):
@@ -44,6 +53,7 @@ class KnnScorer(nn.Module):
     bank: torch.Tensor
     bank_section: torch.Tensor
     bank_domain: torch.Tensor
+    bank_key: torch.Tensor
 
     def __init__(self, k: int = 1, source_means: int = 0, chunk: int = 1024, seed: int = 0):
         super().__init__()
@@ -53,15 +63,18 @@ class KnnScorer(nn.Module):
         self.register_buffer("bank", torch.zeros(0, 0))
         self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
         self.register_buffer("bank_domain", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("bank_key", torch.zeros(0, 2, dtype=torch.float64))
 
     @property
     def fitted(self) -> bool:
         return self.bank.shape[0] > 0
 
     @torch.no_grad()
-    def fit(self, embeddings: torch.Tensor, sections: torch.Tensor, domains: torch.Tensor) -> KnnScorer:
+    def fit(self, embeddings: torch.Tensor, sections: torch.Tensor, domains: torch.Tensor,
+            keys: torch.Tensor | None = None) -> KnnScorer:
         """Keep the training clips' embeddings (N, D) with their section (N,) and domain (N,) indices
-        (``SOURCE`` or ``TARGET``), reducing each section's source clips to ``source_means`` centres."""
+        (``SOURCE`` or ``TARGET``) and input fingerprints (N, 2) (:func:`clip_keys`; None: none), reducing each
+        section's source clips to ``source_means`` centres."""
         if embeddings.ndim != 2 or sections.shape != (len(embeddings),) or domains.shape != (len(embeddings),):
             raise ValueError(f"fit expects embeddings (N, D) with sections and domains (N,), got "
                              f"{tuple(embeddings.shape)}, {tuple(sections.shape)}, {tuple(domains.shape)}")
@@ -70,18 +83,23 @@ class KnnScorer(nn.Module):
         device = self.bank.device
         unit = nn.functional.normalize(embeddings.detach().float(), dim=1).cpu()
         sections, domains = sections.long().cpu(), domains.long().cpu()
-        parts: list[tuple[torch.Tensor, int, int]] = []
+        keys = (torch.full((len(unit), 2), math.nan, dtype=torch.float64) if keys is None
+                else keys.detach().double().cpu())
+        parts: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         for section in sections.unique().tolist():
             for domain in (SOURCE, TARGET):
-                rows = unit[(sections == section) & (domains == domain)]
+                mask = (sections == section) & (domains == domain)
+                rows, row_keys = unit[mask], keys[mask]
                 if len(rows) == 0:
                     continue
                 if domain == SOURCE and 0 < self.source_means < len(rows):
                     rows = self._means(rows)
-                parts.append((rows, section, domain))
+                    row_keys = torch.full((len(rows), 2), math.nan, dtype=torch.float64)
+                parts.append((rows, row_keys, section, domain))
         self.bank = torch.cat([p[0] for p in parts]).to(device)
-        self.bank_section = torch.cat([torch.full((len(p[0]),), p[1]) for p in parts]).to(device)
-        self.bank_domain = torch.cat([torch.full((len(p[0]),), p[2]) for p in parts]).to(device)
+        self.bank_key = torch.cat([p[1] for p in parts]).to(device)
+        self.bank_section = torch.cat([torch.full((len(p[0]),), p[2]) for p in parts]).to(device)
+        self.bank_domain = torch.cat([torch.full((len(p[0]),), p[3]) for p in parts]).to(device)
         return self
 
     def _means(self, rows: torch.Tensor) -> torch.Tensor:
@@ -90,22 +108,34 @@ class KnnScorer(nn.Module):
         return nn.functional.normalize(torch.from_numpy(np.asarray(km.cluster_centers_)).float(), dim=1)
 
     @torch.no_grad()
-    def forward(self, embeddings: torch.Tensor, sections: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, sections: torch.Tensor, keys: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Anomaly scores (B,) for query embeddings (B, D) of the given sections (B,); higher = more anomalous.
-        A section without training embeddings is scored against every section's."""
+        A section without training embeddings is scored against every section's; a bank entry whose fingerprint
+        equals the query's ``keys`` row (B, 2) is left out."""
         if not self.fitted:
             raise RuntimeError("KnnScorer.forward before fit (or before loading a fitted state)")
-        unit = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=1)
-        sections = sections.long().to(self.bank.device)
-        known = (sections[:, None] == self.bank_section[None, :]).any(1)
-        out = []
-        for lo in range(0, len(unit), self.chunk):
-            q, s, kn = unit[lo:lo + self.chunk], sections[lo:lo + self.chunk], known[lo:lo + self.chunk]
-            dist = 1.0 - q @ self.bank.T  # (b, M) cosine distances
-            same = (s[:, None] == self.bank_section[None, :]) | ~kn[:, None]
-            per_domain = [self._k_nearest(dist, same & (self.bank_domain == d)[None, :]) for d in (SOURCE, TARGET)]
-            out.append(torch.minimum(*per_domain))
-        return torch.cat(out)
+        device = self.bank.device
+        with torch.autocast(device.type, enabled=False):
+            unit = nn.functional.normalize(embeddings.detach().float().to(device), dim=1)
+            sections = sections.long().to(device)
+            known = (sections[:, None] == self.bank_section[None, :]).any(1)
+            keys = None if keys is None else keys.detach().double().to(device)
+            out = []
+            for lo in range(0, len(unit), self.chunk):
+                q, s, kn = unit[lo:lo + self.chunk], sections[lo:lo + self.chunk], known[lo:lo + self.chunk]
+                dist = 1.0 - q @ self.bank.T  # (b, M) cosine distances
+                allowed = (s[:, None] == self.bank_section[None, :]) | ~kn[:, None]
+                if keys is not None:
+                    allowed &= ~self._same_clip(keys[lo:lo + self.chunk])
+                per_domain = [self._k_nearest(dist, allowed & (self.bank_domain == d)[None, :]) for d in (SOURCE, TARGET)]
+                out.append(torch.minimum(*per_domain))
+            return torch.cat(out)
+
+    def _same_clip(self, keys: torch.Tensor) -> torch.Tensor:
+        """(b, M): whether bank entry m is the clip with fingerprint ``keys[i]`` (centres never are)."""
+        close = torch.isclose(keys[:, None, :], self.bank_key[None, :, :], rtol=KEY_RTOL, atol=0.0)
+        return close.all(dim=-1)
 
     def _k_nearest(self, dist: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Mean of the ``k`` smallest allowed distances per row; +inf where none is allowed."""
@@ -119,10 +149,20 @@ class KnnScorer(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the bank's size is the fitted data's, not the constructor's: take the stored shapes
+        if prefix + "bank" in state_dict and prefix + "bank_key" not in state_dict:  # saved before fingerprints
+            state_dict[prefix + "bank_key"] = torch.full((len(state_dict[prefix + "bank"]), 2), math.nan,
+                                                         dtype=torch.float64)
         for name in _BANK:
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.bank.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def clip_keys(windows: torch.Tensor) -> torch.Tensor:
+    """A fingerprint of each clip's input, (B, P, *shape) windows -> (B, 2) float64: the sum and the sum of squares
+    of its values, equal for the same clip however it is batched (up to ``KEY_RTOL``)."""
+    w = windows.detach().flatten(1).double()
+    return torch.stack([w.sum(1), w.square().sum(1)], dim=1)
 
 
 def clip_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
@@ -138,5 +178,8 @@ def fit_scorer(scorer: KnnScorer, embed_clips: Callable[[torch.Tensor, tuple[tor
     a batch of clips' windows (B, P, *shape) and their extra features to embeddings (B, D)."""
     if len(data) == 0:
         raise ValueError("kNN scoring needs training clips to fit on")
-    emb = torch.cat([embed_clips(w, data.extra_of(idx)) for idx, w, _ in data.clip_batches(clips_per_batch)])
-    return scorer.fit(emb, data.sections, data.domains)
+    emb, keys = [], []
+    for idx, w, _ in data.clip_batches(clips_per_batch):
+        emb.append(embed_clips(w, data.extra_of(idx)))
+        keys.append(clip_keys(w))
+    return scorer.fit(torch.cat(emb), data.sections, data.domains, torch.cat(keys))

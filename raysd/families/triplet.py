@@ -31,7 +31,7 @@ from raysd.families.augment import recalibrate_batchnorm
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.hparams import AuxTaskConfig
-from raysd.families.knn import KnnScorer, clip_embeddings, fit_scorer
+from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 
 class TripletNet(nn.Module):
@@ -191,7 +191,8 @@ class TripletFamily(Family):
               sections: torch.Tensor | None = None, extra: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         net = cast(TripletNet, model)
         if net.knn is not None:
-            return net.knn(self.clip_embeddings(net, windows), labels if sections is None else sections)
+            return net.knn(self.clip_embeddings(net, windows), labels if sections is None else sections,
+                           clip_keys(windows))
         mask = net.ref_mask
         if not bool(mask.any()):
             raise RuntimeError("triplet: the reference set is empty; after_training() fixes it when training ends")
