@@ -2,14 +2,15 @@
 replayed on learning curves recorded once through raysd's own search.
 
 ``record`` (once; trains): one grid search through ``python -m raysd.search`` with ``search: grid`` and no
-scheduler over every family (``dense_ae`` and ``conv_ae``, 36 configurations each, unless ``--families`` and
-``--grid`` say otherwise) on a synthetic data set (the ``demo`` preset's data, features and machine types unless
-``--preset`` and ``--machine-types`` say otherwise), then the selection metric after every epoch of every trial
-(Tune's ``result.json`` of each trial) and the report-half value at its last epoch (the leaderboard's
-``report_*`` column), one row per machine type, configuration and epoch, into
+scheduler over every family (``dense_ae`` and ``vae``, 36 configurations each, unless ``--families`` and
+``--grid`` say otherwise; ``--set`` fixes other keys, by default ``hop=4``) on a synthetic data set (the
+``demo`` preset's data, features and machine types unless ``--preset`` and ``--machine-types`` say otherwise), then
+the selection metric after every epoch of every trial (Tune's ``result.json`` of each trial) and the report-half
+value at its last epoch (the leaderboard's ``report_*`` column), one row per machine type, configuration and epoch,
+into
 ``benchmarks/tables/search_<family>.csv.gz``, with the command that made it in ``search_<family>.json``::
 
-    python benchmarks/search_efficiency.py record [--families dense_ae conv_ae] [--epochs 8]
+    python benchmarks/search_efficiency.py record [--families dense_ae vae] [--epochs 6] [--set hop=4]
         [--machine-types fan valve] [--grid lr=1e-4,3e-4 batch_size=128,256 ...] [-- RAYSD_SEARCH_ARGS ...]
 
 ``replay`` (the default; no training, minutes): every searcher x {no scheduler, ASHA} x concurrency x seed on
@@ -20,8 +21,10 @@ trains one epoch per time step, and its recorded value after that epoch goes to 
 ``on_trial_complete`` when the trial ends). The searcher, the sampler and ASHA are the objects a study uses,
 built by the same functions (:mod:`raysd.searchers`) and driven through Ray's own methods, not a
 re-implementation; ASHA's settings are :class:`raysd.presets.Scheduler`'s defaults unless given. The search space
-is a ``choice`` over each grid axis's values, so a suggestion is always a recorded configuration: the replay
-searches the grid's lattice (a repeated suggestion trains again and costs its epochs again). ``grid`` is the grid
+is what a preset would write for the grid's axes: a float axis of three or more values (learning rate, weight
+decay) log-uniform over the grid's range, every other axis a ``choice`` over its values (``--categorical``: every
+axis a choice); a suggestion trains the recorded configuration nearest to it (in log scale on a float axis), and a
+repeated one trains again and costs its epochs again. ``grid`` is the grid
 in a seeded random order: Tune expands ``grid_search`` in a fixed order, where the best falls in it is an accident
 of how the axes are listed, and a random order measures over where it may fall. Warm start
 (``tpe:warm_start=N``) starts each machine type from the best finished configurations of the same searcher's
@@ -82,8 +85,11 @@ TABLES = Path(__file__).resolve().parent / "tables"
 SEARCHERS = ["grid", "random", "tpe_default", "tpe"]
 DEFAULT_GRIDS = {  # 4 x 3 x 3 = 36 configurations each
     "dense_ae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [128, 256, 512], "bottleneck": [4, 8, 16]},
-    "conv_ae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [16, 32, 64], "bottleneck": [5, 10, 20]},
+    "vae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [128, 256, 512], "latent": [8, 16, 32]},
 }
+# Fixed for every family of the record run: every 4th frame vector, a quarter of the baseline's (72 trials of 6
+# epochs, both families on one machine type, took 43 minutes on 2 CPU cores, mostly Ray's start of each trial).
+DEFAULT_FIXED = ["hop=4"]
 HP = "hp_"  # prefix of a table's grid-axis columns
 
 
@@ -100,6 +106,7 @@ class Problem:
     curves: np.ndarray  # (configurations, epochs): the selection metric after each epoch
     report: np.ndarray  # (configurations,): the report-half value after the last epoch
     index: dict[tuple, int] = field(default_factory=dict)
+    ordered: bool = True  # False: every axis a choice over its values (no log axes)
 
     def __post_init__(self) -> None:
         self.index = {tuple(c[k] for k in self.axes): i for i, c in enumerate(self.configs)}
@@ -129,12 +136,24 @@ class Problem:
     def worst(self) -> float:
         return float(self.sign * np.min(self.sign * self.curves[:, -1]))
 
+    def log_axes(self) -> set[str]:
+        """Axes searched log-uniformly over the grid's range, as the presets search learning rates and weight
+        decays: every value a positive float, at least three of them."""
+        return {k for k, v in self.axes.items()
+                if len(v) >= 3 and all(isinstance(x, float) and x > 0 for x in v)} if self.ordered else set()
+
     def config_id(self, params: dict[str, Any]) -> int:
-        return self.index[tuple(params[k] for k in self.axes)]
+        """The recorded configuration that answers a suggestion: a log axis's nearest value in log scale."""
+        logs = self.log_axes()
+        key = tuple(min(v, key=lambda x: abs(math.log(x) - math.log(params[k]))) if k in logs else params[k]
+                    for k, v in self.axes.items())
+        return self.index[key]
 
     def space(self) -> dict[str, Any]:
-        """The replay's search space as a preset writes it: a choice over each axis's values."""
-        return {k: {"choice": list(v)} for k, v in self.axes.items()}
+        """The replay's search space as a preset writes it: log axes log-uniform over the grid's range, every
+        other axis a choice over its values."""
+        logs = self.log_axes()
+        return {k: {"loguniform": [min(v), max(v)]} if k in logs else {"choice": list(v)} for k, v in self.axes.items()}
 
 
 def _py(v: Any) -> Any:
@@ -241,7 +260,7 @@ class GridOrder:
 
 def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[dict]):
     """The study's searcher as :func:`raysd.search.build_tuner` makes it (in-memory Optuna storage), handed the
-    space the way Tune hands it (``set_search_properties`` with a param space of ``tune.choice``)."""
+    space the way Tune hands it (``set_search_properties`` with Tune's distributions of :meth:`Problem.space`)."""
     from ray import tune
 
     if not cfg.settings.optuna:
@@ -249,7 +268,9 @@ def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[
     spec = searchers.SearcherSpec(cfg.settings, p.metric, p.mode, num_samples, p.epochs, cfg.seed)
     searcher = searchers.make_searcher(spec, f"{p.family}_{p.machine_type}", None, points)
     assert searcher is not None
-    searcher.set_search_properties(p.metric, p.mode, {**{k: tune.choice(v) for k, v in p.axes.items()},
+    dists = {k: tune.loguniform(*e["loguniform"]) if "loguniform" in e else tune.choice(e["choice"])
+             for k, e in p.space().items()}
+    searcher.set_search_properties(p.metric, p.mode, {**dists,
                                                       "epochs": p.epochs})
     return searcher
 
@@ -432,6 +453,8 @@ def parse_searcher(text: str) -> SearchSettings:
 def run_replay(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     probs = read_tables(a.tables)
+    for p in probs:
+        p.ordered = not a.categorical
     fractions = np.linspace(0.0, a.budget, 41)
     settings = [parse_searcher(s) for s in a.searchers]
     schedulers = [Scheduler("none"), Scheduler("asha", a.grace_period, a.reduction_factor)]
@@ -539,13 +562,15 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def record_preset(base_preset: str, name: str, grids: dict[str, dict[str, list]], epochs: int,
-                  machine_types: list[str] | None) -> dict[str, Any]:
-    """The record run's preset: the base preset's data and features, one grid per family, no scheduler."""
+                  machine_types: list[str] | None, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record run's preset: the base preset's data and features, one grid per family (and the ``fixed``
+    keys), no scheduler."""
     base = yaml.safe_load((SEARCH_SPACES / f"{base_preset}.yaml").read_text())
     body = {k: v for k, v in base.items() if k not in ("families", "scheduler", "search", "name", "description")}
     body.update(name=name, description="benchmarks/search_efficiency.py record: one grid per family",
                 search={"algorithm": "grid"}, scheduler={"type": "none"},
-                families={f: {"epochs": epochs, "space": {k: {"choice": v} for k, v in g.items()}} for f, g in grids.items()})
+                families={f: {"epochs": epochs, "space": {**(fixed or {}), **{k: {"choice": v} for k, v in g.items()}}}
+                          for f, g in grids.items()})
     if machine_types:
         body["machine_types"] = machine_types
     return body
@@ -560,7 +585,8 @@ def run_record(a: argparse.Namespace, extra: list[str]) -> None:
         if not grid:
             raise SystemExit(f"no default grid for {f}: give --grid key=v1,v2 ... (one family at a time)")
     name = a.name
-    body = record_preset(a.preset, name, grids, a.epochs, a.machine_types)
+    fixed = {k: v[0] for k, v in parse_grid(a.set).items()}
+    body = record_preset(a.preset, name, grids, a.epochs, a.machine_types, fixed)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     preset = work / f"{name}.yaml"
@@ -580,7 +606,7 @@ def run_record(a: argparse.Namespace, extra: list[str]) -> None:
         out = out_dir / f"search_{family}.csv.gz"
         table.to_csv(out, index=False, compression={"method": "gzip", "mtime": 0})
         about = {"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]), "preset": a.preset,
-                 "grid": grid, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
+                 "grid": grid, "fixed": fixed, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
                  "configurations": len(list(itertools.product(*grid.values()))),
                  "search_seconds_all_families": round(seconds), "recorded": time.strftime("%Y-%m-%d")}
         out.with_name(out.name.replace(".csv.gz", ".json")).write_text(json.dumps(about, indent=1) + "\n")
@@ -602,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"default: {' '.join(DEFAULT_GRIDS)} (36 configurations each)")
     rec.add_argument("--grid", nargs="+", help="one family's axes, key=v1,v2,... (default: the family's built-in grid)")
     rec.add_argument("--name", default="search_efficiency", help="the experiment's name")
-    rec.add_argument("--epochs", type=int, default=8)
+    rec.add_argument("--epochs", type=int, default=6)
+    rec.add_argument("--set", nargs="*", default=DEFAULT_FIXED,
+                     help=f"fixed keys of every family, key=value (default: {' '.join(DEFAULT_FIXED)})")
     rec.add_argument("--preset", default="demo", help="the preset whose data and features to use (default demo)")
     rec.add_argument("--machine-types", nargs="+", help="default: the preset's")
     rec.add_argument("--work", default="experiments/search_efficiency_record", help="the record run's experiment and reports")
@@ -617,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--tolerance", type=float, default=0.005)
     rep.add_argument("--grace-period", type=int, default=Scheduler.grace_period)
     rep.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor)
+    rep.add_argument("--categorical", action="store_true",
+                     help="search every axis as a choice (default: float axes log-uniform over the grid's range)")
     rep.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     rep.add_argument("--out", default="results/search_efficiency")
     fab = sub.add_parser("fabricate", help="write made-up tables (a known best) to try the replay")

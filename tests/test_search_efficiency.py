@@ -50,7 +50,22 @@ def test_the_made_up_tables_read_back_with_their_best(problems: list) -> None:
     for p in problems:
         last = np.sort(p.curves[:, -1])
         assert p.best == last[-1] and last[-1] - last[-2] >= 0.01 and p.grid_epochs == 60 and p.mode == "max"
-        assert p.config_id(p.configs[7]) == 7 and p.space()["lr"] == {"choice": [1e-4, 1e-3, 1e-2]}
+        assert p.config_id(p.configs[7]) == 7 and p.space()["lr"] == {"loguniform": [1e-4, 1e-2]}
+        assert p.space()["batch_size"] == {"choice": [128, 256]}  # integers stay choices, as presets write them
+
+
+def test_a_suggested_learning_rate_trains_the_nearest_recorded_one(problems: list) -> None:
+    p = problems[0]
+    near = {**p.configs[0], "lr": 2.9e-4}  # nearer 1e-4 than 1e-3 in log scale (the middle is 3.16e-4)
+    assert p.config_id(near) == p.config_id({**p.configs[0], "lr": 1e-4})
+    assert p.config_id({**near, "lr": 3.3e-4}) == p.config_id({**p.configs[0], "lr": 1e-3})
+    p.ordered = False
+    try:
+        assert p.space()["lr"] == {"choice": [1e-4, 1e-3, 1e-2]}
+        with pytest.raises(KeyError):
+            p.config_id(near)
+    finally:
+        p.ordered = True
 
 
 @pytest.mark.parametrize("searcher", SEARCHERS)
@@ -154,13 +169,14 @@ def test_record_reads_every_epoch_of_every_trial(tmp_path: Path) -> None:
 
 
 def test_the_record_run_is_a_grid_of_36_per_family_and_machine_type(tmp_path: Path) -> None:
-    body = se.record_preset("demo", "rec", se.DEFAULT_GRIDS, 8, None)
+    body = se.record_preset("demo", "rec", se.DEFAULT_GRIDS, 8, None, {"hop": 4})
     path = tmp_path / "rec.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     preset = load_preset(path)
     assert preset.machine_types == ["fan", "valve"] and preset.scheduler.type == "none"
     assert {f: (s.search.algorithm, s.trials(), s.epochs) for f, s in preset.families.items()} == \
-        {"dense_ae": ("grid", 36, 8), "conv_ae": ("grid", 36, 8)}
+        {"dense_ae": ("grid", 36, 8), "vae": ("grid", 36, 8)}
+    assert all(s.space["hop"] == 4 for s in preset.families.values())
     assert se.parse_grid(["lr=1e-4,1e-3", "batch_size=128,256", "crop=none,crop"]) == \
         {"lr": [1e-4, 1e-3], "batch_size": [128, 256], "crop": ["none", "crop"]}
 
