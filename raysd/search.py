@@ -412,28 +412,31 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
         log.info(f"autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
                  f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
     concurrency = args.concurrency or capacity
-    per_study = max(1, capacity // min(concurrency, len(plan.studies)))
+    share = searchers.study_share(capacity, min(concurrency, len(plan.studies)))
     seed = args.seed if args.seed is not None else preset.seed
     remote = ray.remote(num_cpus=0)(run_study)
     pending = list(plan.studies)
     running: dict[Any, StudyJob] = {}
+    slots: dict[Any, int] = {}  # each running study's most trials at once
     summaries, failures = [], []
     finished: list[StudyJob] = []  # studies done in this run: warm starts read their trial records
     t0 = time.time()
     while pending or running:
-        while pending and len(running) < concurrency:
+        while pending and len(running) < concurrency and sum(slots.values()) < capacity:
             job = pending.pop(0)
             search = preset.families[job.search_entry]
+            per_study = searchers.study_concurrency(search.search, share)
             spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, plan.num_samples[job.study],
                                           epochs[job.search_entry], seed)
             warm = searchers.warm_start(spec, search, plan.experiment, job.study,
                                         [j.study for j in finished if j.search_entry == job.search_entry])
             ref = remote.remote(job, preset, plan.num_samples[job.study], epochs[job.search_entry], per_study, seed,
                                 args.optuna_storage, args.resume, warm)
-            running[ref] = job
+            running[ref], slots[ref] = job, per_study
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             job = running.pop(ref)
+            slots.pop(ref)
             try:
                 summary = ray.get(ref)
                 summaries.append(summary)

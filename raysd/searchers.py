@@ -92,6 +92,13 @@ def make_scheduler(scheduler: Scheduler, epochs: int):
                          reduction_factor=scheduler.reduction_factor)
 
 
+def study_share(capacity: int, studies_at_once: int) -> int:
+    """A study's share of a cluster that runs ``capacity`` trials at once, shared by ``studies_at_once``: rounded
+    up, so the studies ask for at least the whole cluster (Ray queues the excess trials) rather than leave slots
+    idle (8 slots and 6 studies: 2 each, not 1)."""
+    return max(1, math.ceil(capacity / max(1, studies_at_once)))
+
+
 def study_concurrency(settings: SearchSettings, share: int) -> int:
     """A study's running trials at most: its share of the cluster, under the settings' cap (0: no cap)."""
     cap = settings.max_concurrent_per_study
