@@ -45,6 +45,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from raysd import artifacts
+from raysd.presets import SEARCH_SPACES
+
 HERE = Path(__file__).resolve().parent
 CATEGORIES = {  # process title fragment -> category, first match wins
     "run_study": "study controllers (Tune + Optuna)",
@@ -162,7 +165,7 @@ class CpuSampler(threading.Thread):
 
 
 def write_preset(path: Path, a: argparse.Namespace) -> None:
-    base = yaml.safe_load((Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml").read_text())
+    base = yaml.safe_load((SEARCH_SPACES / "demo.yaml").read_text())
     body = {k: v for k, v in base.items() if k in ("dataset", "rule", "features", "metric", "seed")}
     body.update(name="orchestration", description="benchmarks/orchestration.py: trials that sleep",
                 machine_types=a.machine_types, scheduler={"type": "none"},
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import sleep_family  # noqa: F401  (registers bench_sleep here)
 
-    from raysd import artifacts, search
+    from raysd import search
 
     preset = work / "orchestration.yaml"
     write_preset(preset, a)
@@ -221,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     evs = [json.loads(line) for f in events.glob("*.jsonl") for line in f.read_text().splitlines() if line.strip()]
     records = []
     for f in (work / "experiments" / "orchestration" / artifacts.TRIALS_DIR).glob("*/*.json"):
-        rec = json.loads(f.read_text())
-        if rec.get("status") == "finished":
-            records.append({"trial_id": rec["trial_id"], "wall_seconds": rec["wall_seconds"], "written": f.stat().st_mtime})
+        rec = artifacts.read_trial_record(str(f))
+        if rec.status == "finished" and rec.wall_seconds is not None:
+            records.append({"trial_id": rec.trial_id, "wall_seconds": rec.wall_seconds, "written": f.stat().st_mtime})
     trials = trial_times(evs, records)
     studies = a.entries * len(a.machine_types)
     if len(trials) != studies * a.trials:

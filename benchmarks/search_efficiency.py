@@ -7,8 +7,7 @@ scheduler over every family (``dense_ae`` and ``vae``, 36 configurations each, u
 ``demo`` preset's data, features and machine types unless ``--preset`` and ``--machine-types`` say otherwise), then
 the selection metric after every epoch of every trial (Tune's ``result.json`` of each trial) and the report-half
 value at its last epoch (the leaderboard's ``report_*`` column), one row per machine type, configuration and epoch,
-into
-``benchmarks/tables/search_<family>.csv.gz``, with the command that made it in ``search_<family>.json``::
+into ``benchmarks/tables/search_<family>.csv.gz``, with the command that made it in ``search_<family>.json``::
 
     python benchmarks/search_efficiency.py record [--families dense_ae vae] [--epochs 6] [--set hop=4]
         [--machine-types fan valve] [--grid lr=1e-4,3e-4 batch_size=128,256 ...] [-- RAYSD_SEARCH_ARGS ...]

@@ -5,7 +5,8 @@ worker (a worker-process setup hook), which registers it there.
 Each training epoch sleeps ``epoch_seconds`` in all, spread over its batches in proportion to their windows,
 and appends the time of every sleep to ``$RAYSD_SLEEP_EVENTS/<pid>.jsonl`` (one JSON line: trial, start, end),
 so the benchmark can tell the time a slot spends training from the time a trial spends starting and ending.
-Its scores are the output of an untrained linear map (it learns nothing).
+Its scores are the output of an untrained linear map (it learns nothing). A held-out loss (``Trainer.eval_loss``)
+calls the loss too, so it sleeps as well: the benchmark ranks by ``sel_auc``, which needs none.
 """
 
 from __future__ import annotations
