@@ -57,7 +57,7 @@ from raysd.families.blocks import dense_stack, resnet_stages
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.heads import make_head
 from raysd.families.hparams import AuxTaskConfig, Labelling, Scope
-from raysd.families.knn import KnnScorer, clip_keys, fit_scorer
+from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 Branches = Literal["both", "spectrum", "spectrogram"]
 Extra = tuple[torch.Tensor, ...]
@@ -206,9 +206,8 @@ class AdacosKnnNet(nn.Module):
 
 def _embed_clips(net: AdacosKnnNet, windows: torch.Tensor, extra: Extra) -> torch.Tensor:
     """(B, P, *shape) windows with their clips' extra features -> (B, D) mean window embeddings."""
-    b, p = windows.shape[:2]
-    per_window = tuple(e.repeat_interleave(p, dim=0) for e in extra)
-    return net.embed(windows.reshape(b * p, *windows.shape[2:]), per_window).float().reshape(b, p, -1).mean(dim=1)
+    per_window = tuple(e.repeat_interleave(windows.shape[1], dim=0) for e in extra)
+    return clip_embeddings(lambda w: net.embed(w, per_window), windows)
 
 
 @register
