@@ -12,6 +12,12 @@ into ``benchmarks/tables/search_<family>.csv.gz``, with the command that made it
     python benchmarks/search_efficiency.py record [--families dense_ae vae] [--epochs 6] [--set hop=4]
         [--machine-types fan valve] [--grid lr=1e-4,3e-4 batch_size=128,256 ...] [-- RAYSD_SEARCH_ARGS ...]
 
+A table holds one or more machine types; ``merge OTHER_OUT_DIR`` adds those of a second record (same grid, fixed
+keys, epochs and preset) to the committed tables, and each table's ``.json`` lists every record run::
+
+    python benchmarks/search_efficiency.py record --machine-types valve --out-dir /tmp/valve -- ...
+    python benchmarks/search_efficiency.py merge /tmp/valve
+
 ``replay`` (the default; no training, minutes): every searcher x {no scheduler, ASHA} x concurrency x seed on
 every committed table. Replaying is a discrete-event simulation of one study: ``concurrency`` slots (under the
 searcher's ``max_concurrent_per_study``); a free slot asks the searcher for a configuration; each running trial
@@ -77,6 +83,7 @@ import pandas as pd
 import yaml
 
 from raysd import artifacts, searchers
+from raysd.atomic import atomic_path, atomic_write_text
 from raysd.presets import METRICS, SEARCH_SPACES, Scheduler
 from raysd.search_settings import SearchSettings, SettingError, read_settings
 
@@ -603,22 +610,73 @@ def run_record(a: argparse.Namespace, extra: list[str]) -> None:
     for family, grid in grids.items():
         table = recorded_table(work / "experiments" / name, board, family, grid, body.get("metric", "sel_auc"), a.epochs)
         out = out_dir / f"search_{family}.csv.gz"
-        table.to_csv(out, index=False, compression={"method": "gzip", "mtime": 0})
-        about = {"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]), "preset": a.preset,
-                 "grid": grid, "fixed": fixed, "epochs": a.epochs, "machine_types": sorted(table["machine_type"].unique()),
+        write_table(table, out)
+        mts = sorted(table["machine_type"].unique())
+        about = {"preset": a.preset, "grid": grid, "fixed": fixed, "epochs": a.epochs, "machine_types": mts,
                  "configurations": len(list(itertools.product(*grid.values()))),
-                 "search_seconds_all_families": round(seconds), "recorded": time.strftime("%Y-%m-%d")}
-        out.with_name(out.name.replace(".csv.gz", ".json")).write_text(json.dumps(about, indent=1) + "\n")
+                 "records": [{"command": " ".join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]]),
+                              "machine_types": mts, "search_seconds_all_families": round(seconds),
+                              "recorded": time.strftime("%Y-%m-%d")}]}
+        atomic_write_text(about_path(out), json.dumps(about, indent=1) + "\n")
         print(f"{out}: {len(table)} rows ({about['configurations']} configurations x {a.epochs} epochs x "
               f"{len(about['machine_types'])} machine types)")
     print(f"search of {len(grids)} famil(ies) in {seconds:.0f}s")
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Gzipped CSV without a time stamp, so the same rows give the same bytes."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
+
+
+def about_path(table: Path) -> Path:
+    return table.with_name(table.name.replace(".csv.gz", ".json"))
+
+
+def records_of(about: dict) -> list[dict]:
+    """The record runs a table's ``.json`` lists (a table recorded before ``merge`` existed holds one, inline)."""
+    if "records" in about:
+        return list(about["records"])
+    return [{k: about[k] for k in ("command", "machine_types", "search_seconds_all_families", "recorded") if k in about}]
+
+
+def merge_tables(src: Path, dest: Path) -> list[Path]:
+    """Add the machine types of the tables in ``src`` (a second ``record --out-dir``) to those in ``dest``: one
+    table per family, as the replay reads it (rows grouped by machine type). Refuses a table recorded with another
+    grid, fixed keys, epochs or preset, or a machine type that ``dest`` already holds."""
+    written = []
+    for table_path in sorted(src.glob("search_*.csv.gz")):
+        target = dest / table_path.name
+        new, new_about = pd.read_csv(table_path), json.loads(about_path(table_path).read_text())
+        if not target.exists():
+            raise SystemExit(f"{target}: no table to merge {table_path} into (copy it instead)")
+        old, old_about = pd.read_csv(target), json.loads(about_path(target).read_text())
+        for key in ("preset", "grid", "fixed", "epochs", "configurations"):
+            if not _same(old_about.get(key), new_about.get(key)):
+                raise SystemExit(f"{table_path}: its {key!r} is {new_about.get(key)!r}, but {target} was recorded "
+                                 f"with {old_about.get(key)!r}; tables merge only when recorded alike")
+        both = sorted(set(old["machine_type"]) & set(new["machine_type"]))
+        if both:
+            raise SystemExit(f"{target} already holds machine type(s) {', '.join(both)} that {table_path} holds too")
+        table = pd.concat([old, new], ignore_index=True).sort_values(["machine_type", "config", "epoch"])
+        about = {**old_about, "machine_types": sorted(table["machine_type"].unique()),
+                 "records": records_of(old_about) + records_of(new_about)}
+        for key in ("command", "search_seconds_all_families", "recorded"):
+            about.pop(key, None)
+        write_table(table, target)
+        atomic_write_text(about_path(target), json.dumps(about, indent=1) + "\n")
+        print(f"{target}: {len(table)} rows, machine types {', '.join(about['machine_types'])}")
+        written.append(target)
+    if not written:
+        raise SystemExit(f"{src}: no search_*.csv.gz to merge")
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    if not argv or argv[0] not in ("record", "replay", "fabricate"):
+    if not argv or argv[0] not in ("record", "replay", "fabricate", "merge"):
         argv = ["replay", *argv]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -648,12 +706,17 @@ def main(argv: list[str] | None = None) -> int:
                      help="search every axis as a choice (default: float axes log-uniform over the grid's range)")
     rep.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     rep.add_argument("--out", default="results/search_efficiency")
+    mer = sub.add_parser("merge", help="add the machine types of another record's tables to the committed ones")
+    mer.add_argument("src", help="the other record's --out-dir")
+    mer.add_argument("--into", default=str(TABLES), help="the tables to extend (default benchmarks/tables)")
     fab = sub.add_parser("fabricate", help="write made-up tables (a known best) to try the replay")
     fab.add_argument("--out", required=True)
     fab.add_argument("--epochs", type=int, default=8)
     a = p.parse_args(argv)
     if a.command == "record":
         run_record(a, extra)
+    elif a.command == "merge":
+        merge_tables(Path(a.src), Path(a.into))
     elif a.command == "fabricate":
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

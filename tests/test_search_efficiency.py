@@ -181,6 +181,39 @@ def test_the_record_run_is_a_grid_of_36_per_family_and_machine_type(tmp_path: Pa
         {"lr": [1e-4, 1e-3], "batch_size": [128, 256], "crop": ["none", "crop"]}
 
 
+def _recorded(out: Path, machine_type: str, axes: dict, seconds: int) -> Path:
+    """A table as ``record`` writes it, for one machine type."""
+    out.mkdir(parents=True)
+    se.write_table(se.fabricate("dense_ae", [machine_type], axes, epochs=3, seed=1), out / "search_dense_ae.csv.gz")
+    about = {"preset": "demo", "grid": axes, "fixed": {"hop": 4}, "epochs": 3, "machine_types": [machine_type],
+             "configurations": 12, "command": f"record --machine-types {machine_type}",
+             "search_seconds_all_families": seconds, "recorded": "2026-11-30"}
+    (out / "search_dense_ae.json").write_text(json.dumps(about))
+    return out
+
+
+def test_merge_adds_a_second_records_machine_types(tmp_path: Path) -> None:
+    fan, valve = _recorded(tmp_path / "fan", "fan", AXES, 10), _recorded(tmp_path / "valve", "valve", AXES, 20)
+    fan_rows = len(pd.read_csv(fan / "search_dense_ae.csv.gz"))
+    se.main(["merge", str(valve), "--into", str(fan)])
+    table = pd.read_csv(fan / "search_dense_ae.csv.gz")
+    assert len(table) == 2 * fan_rows and set(table["machine_type"]) == {"fan", "valve"}
+    about = json.loads((fan / "search_dense_ae.json").read_text())
+    assert about["machine_types"] == ["fan", "valve"] and "command" not in about
+    assert [r["search_seconds_all_families"] for r in about["records"]] == [10, 20]
+    assert {p.machine_type for p in se.read_tables([str(fan / "search_*.csv.gz")])} == {"fan", "valve"}
+    with pytest.raises(SystemExit, match="already holds machine type"):
+        se.main(["merge", str(valve), "--into", str(fan)])
+
+
+def test_merge_refuses_a_table_recorded_on_another_grid(tmp_path: Path) -> None:
+    fan = _recorded(tmp_path / "fan", "fan", AXES, 10)
+    valve = _recorded(tmp_path / "valve", "valve", {**AXES, "bottleneck": [4, 16]}, 20)
+    with pytest.raises(SystemExit, match="'grid'"):
+        se.main(["merge", str(valve), "--into", str(fan)])
+    assert set(pd.read_csv(fan / "search_dense_ae.csv.gz")["machine_type"]) == {"fan"}
+
+
 @pytest.mark.slow
 def test_record_and_replay_through_raysd_search(tiny_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """``record`` end to end on a 2-configuration grid of 2-epoch trials (Ray starts), then its table replayed."""
