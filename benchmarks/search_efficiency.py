@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import gzip
 import itertools
 import json
 import math
@@ -624,9 +625,22 @@ def run_record(a: argparse.Namespace, extra: list[str]) -> None:
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
-    """Gzipped CSV without a time stamp, so the same rows give the same bytes."""
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
+    """Gzipped CSV without a time stamp or file name in its header, so the same rows give the same bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                                                          mtime=0) as gz:
+        gz.write(table.to_csv(index=False).encode())
+
+
+def read_about(table: Path) -> dict:
+    """The ``.json`` beside a table, or an error naming it."""
+    path = about_path(table)
+    try:
+        about = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the record's description beside {table.name} ({e})") from None
+    if not isinstance(about, dict):
+        raise SystemExit(f"{path}: expected a JSON object, got {type(about).__name__}")
+    return about
 
 
 def about_path(table: Path) -> Path:
@@ -644,13 +658,13 @@ def merge_tables(src: Path, dest: Path) -> list[Path]:
     """Add the machine types of the tables in ``src`` (a second ``record --out-dir``) to those in ``dest``: one
     table per family, as the replay reads it (rows grouped by machine type). Refuses a table recorded with another
     grid, fixed keys, epochs or preset, or a machine type that ``dest`` already holds."""
-    written = []
+    merged = []  # every family checked before any table is written
     for table_path in sorted(src.glob("search_*.csv.gz")):
         target = dest / table_path.name
-        new, new_about = pd.read_csv(table_path), json.loads(about_path(table_path).read_text())
         if not target.exists():
             raise SystemExit(f"{target}: no table to merge {table_path} into (copy it instead)")
-        old, old_about = pd.read_csv(target), json.loads(about_path(target).read_text())
+        new, new_about = pd.read_csv(table_path), read_about(table_path)
+        old, old_about = pd.read_csv(target), read_about(target)
         for key in ("preset", "grid", "fixed", "epochs", "configurations"):
             if not _same(old_about.get(key), new_about.get(key)):
                 raise SystemExit(f"{table_path}: its {key!r} is {new_about.get(key)!r}, but {target} was recorded "
@@ -663,13 +677,14 @@ def merge_tables(src: Path, dest: Path) -> list[Path]:
                  "records": records_of(old_about) + records_of(new_about)}
         for key in ("command", "search_seconds_all_families", "recorded"):
             about.pop(key, None)
+        merged.append((target, table, about))
+    if not merged:
+        raise SystemExit(f"{src}: no search_*.csv.gz to merge")
+    for target, table, about in merged:
         write_table(table, target)
         atomic_write_text(about_path(target), json.dumps(about, indent=1) + "\n")
         print(f"{target}: {len(table)} rows, machine types {', '.join(about['machine_types'])}")
-        written.append(target)
-    if not written:
-        raise SystemExit(f"{src}: no search_*.csv.gz to merge")
-    return written
+    return [target for target, _, _ in merged]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,6 +204,11 @@ def test_merge_adds_a_second_records_machine_types(tmp_path: Path) -> None:
     assert {p.machine_type for p in se.read_tables([str(fan / "search_*.csv.gz")])} == {"fan", "valve"}
     with pytest.raises(SystemExit, match="already holds machine type"):
         se.main(["merge", str(valve), "--into", str(fan)])
+    se.write_table(table, tmp_path / "again.csv.gz")  # the same rows, the same bytes, whatever the file's name
+    assert (tmp_path / "again.csv.gz").read_bytes() == (fan / "search_dense_ae.csv.gz").read_bytes()
+    (valve / "search_dense_ae.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="valve/search_dense_ae.json: cannot read"):
+        se.main(["merge", str(valve), "--into", str(fan)])
 
 
 def test_merge_refuses_a_table_recorded_on_another_grid(tmp_path: Path) -> None:
