@@ -2,13 +2,13 @@
 
 A local Ray instance declares ``--slots`` logical trial slots; many studies (``--entries`` family entries x the
 machine types) of trials whose epochs only sleep (the benchmark-only family ``bench_sleep``,
-``benchmarks/sleep_family.py``, registered in every Ray worker by a setup hook) run through raysd's own search,
-with its searcher (the preset default) and its study scheduling. Each trial worker takes one slot: the slots are
-logical CPUs (``cpus_per_worker: 1``, the cluster's CPUs = slots + 1, the extra one for the trials' token driver
-shares, as :func:`raysd.search.init_ray` does), because a trial asking for a GPU makes Ray Train start a CUDA
-device and an NCCL process group, which a machine without a GPU cannot; Ray schedules a logical CPU like a
-logical GPU (both are counted resources in placement groups), so the orchestration measured is the one a GPU
-cluster runs.
+``benchmarks/sleep_family.py``, named in ``$RAYSD_FAMILY_MODULES``: only the processes that look it up import it)
+run through raysd's own search, with its searcher (the preset default) and its study scheduling. Each trial worker
+takes one slot: the slots are logical CPUs (``cpus_per_worker: 1``, the cluster's CPUs = slots + 1, the extra one
+for the trials' token driver shares, as :func:`raysd.search.init_ray` does), because a trial asking for a GPU makes
+Ray Train start a CUDA device and an NCCL process group, which a machine without a GPU cannot; Ray schedules a
+logical CPU like a logical GPU (both are counted resources in placement groups), so the orchestration measured is
+the one a GPU cluster runs.
 
 Reported:
 - utilisation: the slot-seconds spent in training epochs (the sleeps) over the slot-seconds available from the
@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 
 from raysd import artifacts
+from raysd.families.base import FAMILY_MODULES_ENV
 from raysd.presets import SEARCH_SPACES
 
 HERE = Path(__file__).resolve().parent
@@ -99,14 +100,25 @@ def trial_times(events: list[dict], records: list[dict]) -> list[TrialTimes]:
 def slot_gaps(trials: list[TrialTimes], slots: int) -> list[float]:
     """The gap between consecutive trials on one slot: each trial, in order of its first epoch, takes the slot
     whose last trial's last epoch ended first."""
+    return [t.first - last for t, last in _follow(trials, slots)]
+
+
+def early_starts(trials: list[TrialTimes], slots: int) -> int:
+    """Trials whose ``TorchTrainer.fit`` began before the trial before them on their slot ended its last epoch
+    (queued trials, ``--queued-trials``)."""
+    return sum(t.started < last for t, last in _follow(trials, slots))
+
+
+def _follow(trials: list[TrialTimes], slots: int) -> list[tuple[TrialTimes, float]]:
+    """Each trial that followed another on its slot (:func:`slot_gaps`), with the last epoch's end before it."""
     free = [-np.inf] * slots
-    gaps = []
+    out = []
     for t in trials:
         i = int(np.argmin(free))
         if np.isfinite(free[i]):
-            gaps.append(t.first - free[i])
+            out.append((t, free[i]))
         free[i] = t.last
-    return gaps
+    return out
 
 
 def utilisation(trials: list[TrialTimes], slots: int, start: float) -> dict[str, float]:
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     events = work / "events"
     events.mkdir(parents=True, exist_ok=True)
     os.environ["RAYSD_SLEEP_EVENTS"] = str(events)
+    os.environ[FAMILY_MODULES_ENV] = "sleep_family"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -206,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = work / "orchestration.yaml"
     write_preset(preset, a)
     ray.init(address="local", include_dashboard=True, num_cpus=a.slots + 1, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "sleep_family.setup_worker",
-                          "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "RAYSD_SLEEP_EVENTS": str(events),
-                                       "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "RAYSD_SLEEP_EVENTS": str(events),
+                                       FAMILY_MODULES_ENV: "sleep_family", "OMP_NUM_THREADS": "1"}})
     sampler = CpuSampler()
     sampler.start()
     t0 = time.time()
@@ -244,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "slot_gap_s_median": round(float(np.median(gaps)), 2) if gaps else None,
         "slot_gap_s_p90": round(float(np.quantile(gaps, 0.9)), 2) if gaps else None,
         "trial_start_s_median": round(float(np.median(start)), 2), "trial_end_s_median": round(float(np.median(end)), 2),
+        "early_starts": early_starts(trials, a.slots),
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_seconds_per_trial": {k: round(v / max(1, len(trials)), 2) for k, v in cpu.items()},
         "machine_cores": os.cpu_count(), "search_args": extra}

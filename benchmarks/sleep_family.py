@@ -1,6 +1,7 @@
 """``bench_sleep``: a family whose epochs only sleep, for ``benchmarks/orchestration.py``. Never in the registry
-of ``raysd.families``: the orchestration benchmark imports this module in its own process and in every Ray
-worker (a worker-process setup hook), which registers it there.
+of ``raysd.families``: the orchestration benchmark imports this module itself and names it in
+``$RAYSD_FAMILY_MODULES``, so the Ray processes that look the family up (studies, trial workers) import it on
+demand, and Ray's other processes do not.
 
 Each training epoch sleeps ``epoch_seconds`` in all, spread over its batches in proportion to their windows,
 and appends the time of every sleep to ``$RAYSD_SLEEP_EVENTS/<pid>.jsonl`` (one JSON line: trial, start, end),
@@ -86,7 +87,3 @@ class SleepFamily(Family):
 
     def window_scores(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x).float()
-
-
-def setup_worker() -> None:
-    """Ray's worker-process setup hook: importing this module registered the family."""

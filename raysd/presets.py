@@ -404,7 +404,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         family_name = str(body.get("family", fam))
         try:
             family_cls = get_family(family_name)
-        except KeyError as e:
+        except (KeyError, ImportError) as e:
             raise _err(path, f"families.{fam}" + (".family" if "family" in body else ""), str(e.args[0])) from None
         extra = sorted(set(body) - set(FAMILY_KEYS))
         if extra:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from raysd.data.features import FeatureSpec
 from raysd.data.views import View
@@ -138,6 +140,62 @@ def test_cli_lists_every_family_with_its_hyperparameters(capsys):
         assert f"{name}: " in text
     assert main(["no_such_family"]) == 2
     assert "no_such_family" in capsys.readouterr().err
+
+
+PLUGIN = """
+from dataclasses import dataclass
+
+from raysd.data.views import View
+from raysd.families.base import Family, register
+
+
+@dataclass
+class OutsideConfig:
+    width: int = 3
+
+
+@register
+class OutsideFamily(Family):
+    name = "outside_ae"
+    Config = OutsideConfig
+    description = "a family kept outside raysd"
+
+    def view(self) -> View:
+        return View(frames=5, hop=1, layout="vector")
+"""
+
+
+def test_a_family_outside_raysd_is_found_through_the_environment(tmp_path, monkeypatch, capsys):
+    from raysd.families.__main__ import main
+    from raysd.families.base import FAMILY_MODULES_ENV, create_family, get_family
+    from raysd.presets import SEARCH_SPACES, PresetError, load_preset
+
+    (tmp_path / "outside_family.py").write_text(PLUGIN)
+    (tmp_path / "broken_family.py").write_text("import no_such_dependency_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(FAMILY_MODULES_ENV, raising=False)
+    monkeypatch.delitem(REGISTRY, "outside_ae", raising=False)
+    with pytest.raises(KeyError, match="unknown model family 'outside_ae'"):
+        get_family("outside_ae")
+    monkeypatch.setenv(FAMILY_MODULES_ENV, " outside_family ,")
+    try:
+        family, _ = create_family("outside_ae", {"width": 5, "lr": 1e-3})
+        assert family.hp.width == 5 and type(family).__module__ == "outside_family"
+        assert main(["outside_ae"]) == 0 and "outside_ae: " in capsys.readouterr().out
+    finally:
+        REGISTRY.pop("outside_ae", None)
+        sys.modules.pop("outside_family", None)
+    monkeypatch.setenv(FAMILY_MODULES_ENV, "no_such_module_here")
+    with pytest.raises(ImportError, match=f"{FAMILY_MODULES_ENV}.*'no_such_module_here'.*PYTHONPATH"):
+        get_family("outside_ae")
+    monkeypatch.setenv(FAMILY_MODULES_ENV, "broken_family")
+    with pytest.raises(ImportError, match="'broken_family'.*no_such_dependency_here.*install what it imports"):
+        get_family("outside_ae")
+    preset = yaml.safe_load(SEARCH_SPACES.joinpath("demo.yaml").read_text())
+    preset["families"] = {"outside_ae": {"num_samples": 1, "epochs": 1, "space": {}}}
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(preset))
+    with pytest.raises(PresetError, match="families.outside_ae.*broken_family"):
+        load_preset(str(tmp_path / "outside.yaml"))
 
 
 # ---------------------------------------------------------------------------------- build and train

@@ -11,6 +11,7 @@ import typing
 from typing import Any
 
 from raysd.families import REGISTRY, get_family
+from raysd.families.base import import_family_modules
 from raysd.families.hparams import TrainHP
 
 
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     try:
+        import_family_modules()
         families = [describe(n) for n in (args.names or sorted(REGISTRY))]
-    except KeyError as e:
+    except (KeyError, ImportError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     common = describe_config(TrainHP)

@@ -18,6 +18,9 @@ fields of :class:`raysd.families.hparams.AuxTaskConfig`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -105,12 +108,35 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
+FAMILY_MODULES_ENV = "RAYSD_FAMILY_MODULES"
+
+
+def import_family_modules() -> list[str]:
+    """Import the modules named in ``$RAYSD_FAMILY_MODULES`` (comma-separated), which register families kept
+    outside raysd (one file with an ``@register``ed class, importable on every node). Returns their names."""
+    names = [m.strip() for m in os.environ.get(FAMILY_MODULES_ENV, "").split(",") if m.strip()]
+    for module in names:
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                fix = ("put it on PYTHONPATH (on every node of a cluster)" if e.name == module.split(".")[0] or
+                       e.name == module else "install what it imports")
+                raise ImportError(f"${FAMILY_MODULES_ENV} names the module {module!r}, which cannot be imported "
+                                  f"here ({e}); {fix}") from e
+    return names
+
+
 def get_family(name: str) -> type[Family]:
-    """The registered family class (``raysd.families`` imports every family, so the registry is full)."""
+    """The registered family class (``raysd.families`` imports every family, so the registry is full; a name
+    it lacks is looked for in :func:`import_family_modules`)."""
+    if name not in REGISTRY:
+        import_family_modules()
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model family {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+        extra = f" (after importing ${FAMILY_MODULES_ENV})" if os.environ.get(FAMILY_MODULES_ENV) else ""
+        raise KeyError(f"unknown model family {name!r}; registered{extra}: {', '.join(sorted(REGISTRY))}") from None
 
 
 def split_params(family: str, params: dict[str, Any]) -> tuple[TrainHP, Any]:
