@@ -47,6 +47,7 @@ from raysd.presets import Preset, PresetError, Resources, load_preset, tune_spac
 from raysd.trial import StudyJob, ended_run, run_trial
 
 log = module_logger(__name__, __spec__)
+QUEUED_SLOT_WAIT_S = 3600.0  # with --queued-trials: a trial waits this long for its slot before Ray Train asks again
 
 
 class SearchError(RuntimeError):
@@ -338,13 +339,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="feature cache and synthetic data (default $RAYSD_CACHE or ~/.cache/raysd)")
     p.add_argument("--optuna-storage", help="Optuna storage URL (default: SQLite files in the experiment folder)")
     p.add_argument("--concurrency", type=int, help="max studies running at once (default: what the cluster fits)")
+    p.add_argument("--queued-trials", type=int, default=1, metavar="N",
+                   help="trials started beyond what the cluster runs at once; their drivers and Train controllers "
+                        "start while the running trials train, their workers when a slot frees (default 1; 0: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment of the same name")
     p.add_argument("--dry-run", action="store_true", help="print the studies and trial counts, run nothing")
     p.add_argument("--seed", type=int, help="Optuna sampler seed (overrides the preset)")
     p.add_argument("--shared-fs", action="store_true", help="the local storage path is shared by every node (NFS)")
     p.add_argument("--results-dir", help="where the leaderboard's reports go (default results/<preset>)")
     p.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.queued_trials < 0:
+        p.error(f"--queued-trials must be 0 or more, got {args.queued_trials}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,8 +418,9 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     if most_total is not None:
         log.info(f"autoscaling cluster: up to {most_total['GPU']:g} GPUs and {most_total['CPU']:g} CPUs "
                  f"({BOOTSTRAP_CONFIG}); up to {capacity} trials at once")
-    concurrency = args.concurrency or capacity
-    share = searchers.study_share(capacity, min(concurrency, len(plan.studies)))
+    in_flight = capacity + args.queued_trials  # the queued ones start their drivers while slots are busy
+    concurrency = args.concurrency or in_flight
+    share = searchers.study_share(in_flight, min(concurrency, len(plan.studies)))
     seed = args.seed if args.seed is not None else preset.seed
     remote = ray.remote(num_cpus=0)(run_study)
     pending = list(plan.studies)
@@ -422,8 +430,10 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     finished: list[StudyJob] = []  # studies done in this run: warm starts read their trial records
     t0 = time.time()
     while pending or running:
-        while pending and len(running) < concurrency and sum(slots.values()) < capacity:
+        while pending and len(running) < concurrency and sum(slots.values()) < in_flight:
             job = pending.pop(0)
+            if args.queued_trials:
+                job = dataclasses.replace(job, slot_wait_s=QUEUED_SLOT_WAIT_S)
             search = preset.families[job.search_entry]
             per_study = searchers.study_concurrency(search.search, share)
             spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, plan.num_samples[job.study],

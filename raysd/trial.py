@@ -67,6 +67,7 @@ class StudyJob:
     machine_types: tuple[str, ...] = ()  # the types of a study over several (empty: just machine_type)
     scope: str = "machine_type"  # the family's scope
     entry: str = ""  # the preset's entry under 'families:' that the study searches (default: the family's name)
+    slot_wait_s: float | None = None  # how long a queued trial's workers wait for a slot before Ray Train asks again
 
     @property
     def search_entry(self) -> str:
@@ -241,10 +242,12 @@ class TrialReport:
     score the selection half of every model's clips, and report the metrics over all of them with a checkpoint
     (the last one with the per-clip score tables, written by rank 0 through :mod:`raysd.artifacts`)."""
 
-    def __init__(self, job: StudyJob, params: dict, parts: list[Part], rank: int, world: int, nodes: list[str]):
+    def __init__(self, job: StudyJob, params: dict, parts: list[Part], rank: int, world: int, nodes: list[str],
+                 workers_started: float):
         self.job, self.params, self.parts = job, params, parts
         self.rank, self.world, self.nodes = rank, world, nodes
         self.t_start = time.perf_counter()
+        self.workers_started = workers_started  # time.time() when this worker began: its slot is held from then
 
     def kept_full(self, part: Part) -> ClipSet:
         """Training clips of every rank that pruning has not dropped (identical on every rank)."""
@@ -296,6 +299,7 @@ class TrialReport:
         if last:
             per_part = [self.tables(p) for p in parts]
             metrics["train_seconds"] = time.perf_counter() - self.t_start
+            metrics["held_seconds"] = time.time() - self.workers_started
             if rank == 0:
                 tables = {k: pd.concat(found, ignore_index=True) if (found := [t[k] for t in per_part
                                                                                if t.get(k) is not None]) else None
@@ -318,6 +322,7 @@ class TrialReport:
 def train_worker(cfg: dict) -> None:
     """Ray Train per-worker function: set up one model (one per machine type in a first-shot trial), then train
     them epoch by epoch, reporting after each."""
+    started = time.time()
     import ray
     import ray.train
     import ray.train.torch
@@ -343,7 +348,7 @@ def train_worker(cfg: dict) -> None:
     else:
         for p in parts:
             p.trainer.before_training(p.data.train_full)
-    report = TrialReport(job, cfg["params"], parts, rank, world, nodes)
+    report = TrialReport(job, cfg["params"], parts, rank, world, nodes, started)
     agree = AgreeAcrossRanks(world)
     try:
         for _ in range(max(0, hp.epochs - parts[0].trainer.epoch)):
@@ -386,6 +391,10 @@ def run_trial(params: dict, job: StudyJob) -> None:
     # adds several seconds to the start and the end of every trial; polling faster costs one small call
     # per worker. A value set by the user wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    if job.slot_wait_s:
+        # Ray Train gives up on a placement group after this long, logs the timeout as an error and asks again;
+        # a queued trial waits a whole trial for its slot
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{job.slot_wait_s:g}")
     per_worker = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
         per_worker["GPU"] = job.gpus_per_worker
@@ -412,8 +421,10 @@ def run_trial(params: dict, job: StudyJob) -> None:
 
 
 def _finish(job: StudyJob, record: TrialRecord, metrics: dict, checkpoint: str | None, wall: float) -> None:
-    """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``."""
-    done = dataclasses.replace(record, metrics=metrics, wall_seconds=wall, gpu_hours=(record.gpus or 0) * wall / 3600,
+    """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``. Its GPU hours count
+    from its workers' start (``held_seconds``): a queued trial waits for a slot without holding one."""
+    held = metrics.get("held_seconds") or wall
+    done = dataclasses.replace(record, metrics=metrics, wall_seconds=wall, gpu_hours=(record.gpus or 0) * held / 3600,
                                checkpoint=checkpoint, status="finished")
     if metrics.get("failed"):
         dataclasses.replace(done, status="failed", reason=metrics["failed"]).write(job.experiment)
