@@ -8,8 +8,8 @@ for all); :meth:`raysd.presets.Preset.study_units` cuts them from what each fami
 One study = one ``Tuner`` with a seeded ``OptunaSearch`` (TPE or random, persisted in SQLite under the experiment
 folder; none for a grid) and an optional ``ASHAScheduler``, built by :mod:`raysd.searchers` from the preset's
 search settings. Studies run concurrently as Ray tasks on the attached
-cluster, at most as many at once as the cluster can run trials, so pending placement groups of one
-study cannot starve another.
+cluster, each with its share of the trials in flight: the trials the cluster runs at once plus
+``--queued-trials``, whose drivers start while a slot is busy and whose workers wait for it.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="experiment name (default: the preset name)")
     p.add_argument("--cache-dir", help="feature cache and synthetic data (default $RAYSD_CACHE or ~/.cache/raysd)")
     p.add_argument("--optuna-storage", help="Optuna storage URL (default: SQLite files in the experiment folder)")
-    p.add_argument("--concurrency", type=int, help="max studies running at once (default: what the cluster fits)")
+    p.add_argument("--concurrency", type=int, help="max studies running at once (default: the trials in flight)")
     p.add_argument("--queued-trials", type=int, default=1, metavar="N",
                    help="trials started beyond what the cluster runs at once; their drivers and Train controllers "
                         "start while the running trials train, their workers when a slot frees (default 1; 0: none)")

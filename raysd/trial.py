@@ -31,9 +31,11 @@ from raysd.data.study import FIRST_SHOT, StudyData, load_study
 from raysd.data.views import View
 from raysd.families.base import create_family
 from raysd.families.clips import ClipSet
+from raysd.log import module_logger
 from raysd.metrics import evaluate, split_half
 from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
+log = module_logger(__name__, __spec__)
 TRAIN_POLL_S = "0.5"
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
@@ -242,12 +244,11 @@ class TrialReport:
     score the selection half of every model's clips, and report the metrics over all of them with a checkpoint
     (the last one with the per-clip score tables, written by rank 0 through :mod:`raysd.artifacts`)."""
 
-    def __init__(self, job: StudyJob, params: dict, parts: list[Part], rank: int, world: int, nodes: list[str],
-                 workers_started: float):
+    def __init__(self, job: StudyJob, params: dict, parts: list[Part], rank: int, world: int, nodes: list[str]):
         self.job, self.params, self.parts = job, params, parts
         self.rank, self.world, self.nodes = rank, world, nodes
         self.t_start = time.perf_counter()
-        self.workers_started = workers_started  # time.time() when this worker began: its slot is held from then
+        self.slot_wait = slot_wait_seconds()
 
     def kept_full(self, part: Part) -> ClipSet:
         """Training clips of every rank that pruning has not dropped (identical on every rank)."""
@@ -299,7 +300,7 @@ class TrialReport:
         if last:
             per_part = [self.tables(p) for p in parts]
             metrics["train_seconds"] = time.perf_counter() - self.t_start
-            metrics["held_seconds"] = time.time() - self.workers_started
+            metrics["slot_wait_seconds"] = self.slot_wait
             if rank == 0:
                 tables = {k: pd.concat(found, ignore_index=True) if (found := [t[k] for t in per_part
                                                                                if t.get(k) is not None]) else None
@@ -322,7 +323,6 @@ class TrialReport:
 def train_worker(cfg: dict) -> None:
     """Ray Train per-worker function: set up one model (one per machine type in a first-shot trial), then train
     them epoch by epoch, reporting after each."""
-    started = time.time()
     import ray
     import ray.train
     import ray.train.torch
@@ -348,13 +348,29 @@ def train_worker(cfg: dict) -> None:
     else:
         for p in parts:
             p.trainer.before_training(p.data.train_full)
-    report = TrialReport(job, cfg["params"], parts, rank, world, nodes, started)
+    report = TrialReport(job, cfg["params"], parts, rank, world, nodes)
     agree = AgreeAcrossRanks(world)
     try:
         for _ in range(max(0, hp.epochs - parts[0].trainer.epoch)):
             report.epoch_end([p.trainer.fit(p.data.shard, epochs=1, hooks=[agree], after=False)[0] for p in parts])
     except NonFiniteLoss as e:
         report_failure(str(e), parts[0].trainer.epoch, rank)
+
+
+def slot_wait_seconds() -> float:
+    """How long this worker's placement group waited for its resources, from Ray's placement group statistics
+    (0 outside one, or where Ray does not say)."""
+    from ray.util import get_current_placement_group, placement_group_table
+
+    try:
+        pg = get_current_placement_group()
+        if pg is None:
+            return 0.0
+        stats = placement_group_table(pg).get("stats") or {}
+        return float(stats.get("end_to_end_creation_latency_ms") or 0.0) / 1000
+    except Exception as e:  # an accounting figure: never fail a trial for it
+        log.warning(f"cannot read the placement group's wait ({type(e).__name__}: {e}); GPU hours include it")
+        return 0.0
 
 
 def checkpoint_uri(experiment: str, checkpoint: Any) -> str | None:
@@ -421,9 +437,9 @@ def run_trial(params: dict, job: StudyJob) -> None:
 
 
 def _finish(job: StudyJob, record: TrialRecord, metrics: dict, checkpoint: str | None, wall: float) -> None:
-    """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``. Its GPU hours count
-    from its workers' start (``held_seconds``): a queued trial waits for a slot without holding one."""
-    held = metrics.get("held_seconds") or wall
+    """Write the trial's record; a trial whose run ended as failed raises ``TrialFailed``. Its GPU hours leave
+    out the time its workers' placement group waited for a slot (``slot_wait_seconds``: a queued trial)."""
+    held = max(0.0, wall - (metrics.get("slot_wait_seconds") or 0.0))
     done = dataclasses.replace(record, metrics=metrics, wall_seconds=wall, gpu_hours=(record.gpus or 0) * held / 3600,
                                checkpoint=checkpoint, status="finished")
     if metrics.get("failed"):

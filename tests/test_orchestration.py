@@ -102,4 +102,10 @@ def test_the_benchmark_runs_sleeping_trials_through_the_search(tiny_root: Path, 
     assert result["trials"] == 2 and result["studies"] == 1 and 0 < result["utilisation"] <= 1
     assert result["trial_start_s_median"] > 0 and result["slot_gap_s_median"] >= 0
     assert result["early_starts"] == 1  # the queued trial's Train run began while the first one trained
+    from raysd import artifacts
+
+    records = [artifacts.read_trial_record(str(f)) for f in (tmp_path / "work" / "experiments" / "orchestration" /
+                                                              artifacts.TRIALS_DIR).glob("*/*.json")]
+    waits = sorted(r.metrics["slot_wait_seconds"] for r in records)
+    assert len(waits) == 2 and waits[0] < 1 and waits[1] > 2  # the queued one waited for the first one's slot
     assert {"search driver", "trial workers", "study controllers (Tune + Optuna)"} <= set(result["cpu_seconds"])
