@@ -208,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAYSD_SLEEP_EVENTS"] = str(events)
     os.environ[FAMILY_MODULES_ENV] = "sleep_family"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.path.insert(0, str(HERE))
     import ray

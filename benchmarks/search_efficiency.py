@@ -112,11 +112,14 @@ class Problem:
     configs: list[dict[str, Any]]  # configuration id -> its values
     curves: np.ndarray  # (configurations, epochs): the selection metric after each epoch
     report: np.ndarray  # (configurations,): the report-half value after the last epoch
-    index: dict[tuple, int] = field(default_factory=dict)
     ordered: bool = True  # False: every axis a choice over its values (no log axes)
+    index: dict[tuple, int] = field(default_factory=dict)
+    logs: set[str] = field(default_factory=set)  # :meth:`log_axes`
 
     def __post_init__(self) -> None:
         self.index = {tuple(c[k] for k in self.axes): i for i, c in enumerate(self.configs)}
+        self.logs = {k for k, v in self.axes.items()
+                     if len(v) >= 3 and all(isinstance(x, float) and x > 0 for x in v)} if self.ordered else set()
 
     @property
     def mode(self) -> str:
@@ -146,8 +149,7 @@ class Problem:
     def log_axes(self) -> set[str]:
         """Axes searched log-uniformly over the grid's range, as the presets search learning rates and weight
         decays: every value a positive float, at least three of them."""
-        return {k for k, v in self.axes.items()
-                if len(v) >= 3 and all(isinstance(x, float) and x > 0 for x in v)} if self.ordered else set()
+        return self.logs
 
     def config_id(self, params: dict[str, Any]) -> int:
         """The recorded configuration that answers a suggestion: a log axis's nearest value in log scale."""
@@ -167,9 +169,9 @@ def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def problems(table: pd.DataFrame) -> list[Problem]:
+def problems(table: pd.DataFrame, ordered: bool = True) -> list[Problem]:
     """A table (columns family, machine_type, config, hp_*, epoch, metric, sel, report_final) as one problem per
-    (family, machine type)."""
+    (family, machine type); ``ordered``: see :attr:`Problem.ordered`."""
     out = []
     axes_cols = [c for c in table.columns if c.startswith(HP)]
     for (family, mt), g in table.groupby(["family", "machine_type"], sort=True):
@@ -183,16 +185,16 @@ def problems(table: pd.DataFrame) -> list[Problem]:
         if curves.isna().any().any():
             raise ValueError(f"table {family}/{mt}: some configurations lack epochs")
         out.append(Problem(str(family), str(mt), str(g["metric"].iloc[0]), axes, configs, curves.to_numpy(float),
-                           first["report_final"].to_numpy(float)))
+                           first["report_final"].to_numpy(float), ordered))
     return out
 
 
-def read_tables(patterns: Sequence[str]) -> list[Problem]:
+def read_tables(patterns: Sequence[str], ordered: bool = True) -> list[Problem]:
     paths = sorted({p for pat in patterns for p in glob.glob(pat)})
     if not paths:
         raise SystemExit(f"no tables match {list(patterns)}: record them first (python benchmarks/search_efficiency.py "
                          f"record), or try the replay on made-up ones (fabricate --out DIR)")
-    return [p for path in paths for p in problems(pd.read_csv(path))]
+    return [p for path in paths for p in problems(pd.read_csv(path), ordered)]
 
 
 def fabricate(family: str, machine_types: Sequence[str], axes: dict[str, list], epochs: int, seed: int = 0) -> pd.DataFrame:
@@ -459,9 +461,7 @@ def parse_searcher(text: str) -> SearchSettings:
 
 def run_replay(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    probs = read_tables(a.tables)
-    for p in probs:
-        p.ordered = not a.categorical
+    probs = read_tables(a.tables, ordered=not a.categorical)
     fractions = np.linspace(0.0, a.budget, 41)
     settings = [parse_searcher(s) for s in a.searchers]
     schedulers = [Scheduler("none"), Scheduler("asha", a.grace_period, a.reduction_factor)]

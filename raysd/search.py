@@ -47,7 +47,6 @@ from raysd.presets import Preset, PresetError, Resources, load_preset, tune_spac
 from raysd.trial import StudyJob, ended_run, run_trial
 
 log = module_logger(__name__, __spec__)
-QUEUED_SLOT_WAIT_S = 3600.0  # with --queued-trials: a trial waits this long for its slot before Ray Train asks again
 
 
 class SearchError(RuntimeError):
@@ -432,8 +431,6 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     while pending or running:
         while pending and len(running) < concurrency and sum(slots.values()) < in_flight:
             job = pending.pop(0)
-            if args.queued_trials:
-                job = dataclasses.replace(job, slot_wait_s=QUEUED_SLOT_WAIT_S)
             search = preset.families[job.search_entry]
             per_study = searchers.study_concurrency(search.search, share)
             spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, plan.num_samples[job.study],

@@ -37,6 +37,7 @@ from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
 log = module_logger(__name__, __spec__)
 TRAIN_POLL_S = "0.5"
+SLOT_WAIT_S = "3600"  # how long a trial's workers wait for a slot (a queued trial: a whole trial) before Ray Train asks again
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
 
@@ -69,7 +70,6 @@ class StudyJob:
     machine_types: tuple[str, ...] = ()  # the types of a study over several (empty: just machine_type)
     scope: str = "machine_type"  # the family's scope
     entry: str = ""  # the preset's entry under 'families:' that the study searches (default: the family's name)
-    slot_wait_s: float | None = None  # how long a queued trial's workers wait for a slot before Ray Train asks again
 
     @property
     def search_entry(self) -> str:
@@ -407,10 +407,9 @@ def run_trial(params: dict, job: StudyJob) -> None:
     # adds several seconds to the start and the end of every trial; polling faster costs one small call
     # per worker. A value set by the user wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
-    if job.slot_wait_s:
-        # Ray Train gives up on a placement group after this long, logs the timeout as an error and asks again;
-        # a queued trial waits a whole trial for its slot
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{job.slot_wait_s:g}")
+    # Ray Train gives up on a placement group after 60 s by default, logs that as an error and asks again; a
+    # queued trial, or one of a study whose rounded-up share exceeds the free slots, waits longer than that.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", SLOT_WAIT_S)
     per_worker = {"CPU": job.cpus_per_worker}
     if job.use_gpu:
         per_worker["GPU"] = job.gpus_per_worker

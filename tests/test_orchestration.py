@@ -73,7 +73,7 @@ def test_a_capped_study_takes_less_than_its_share() -> None:
     assert searchers.study_concurrency(read_settings({"max_concurrent_per_study": 1}), searchers.study_share(8, 2)) == 1
 
 
-def test_queued_trials_are_counted_and_never_negative(capsys) -> None:
+def test_queued_trials_default_to_one_and_are_never_negative(capsys) -> None:
     from raysd import search
 
     assert search.parse_args(["demo"]).queued_trials == 1

@@ -4,6 +4,7 @@ finds the best, the JSON line has its shape; and ``record``'s reader turns Tune 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -59,13 +60,11 @@ def test_a_suggested_learning_rate_trains_the_nearest_recorded_one(problems: lis
     near = {**p.configs[0], "lr": 2.9e-4}  # nearer 1e-4 than 1e-3 in log scale (the middle is 3.16e-4)
     assert p.config_id(near) == p.config_id({**p.configs[0], "lr": 1e-4})
     assert p.config_id({**near, "lr": 3.3e-4}) == p.config_id({**p.configs[0], "lr": 1e-3})
-    p.ordered = False
-    try:
-        assert p.space()["lr"] == {"choice": [1e-4, 1e-3, 1e-2]}
-        with pytest.raises(KeyError):
-            p.config_id(near)
-    finally:
-        p.ordered = True
+    categorical = dataclasses.replace(p, ordered=False)
+    assert p.space()["lr"] == {"loguniform": [1e-4, 1e-2]}
+    assert categorical.space()["lr"] == {"choice": [1e-4, 1e-3, 1e-2]}
+    with pytest.raises(KeyError):
+        categorical.config_id(near)
 
 
 @pytest.mark.parametrize("searcher", SEARCHERS)
