@@ -3,23 +3,22 @@
 A local Ray instance declares ``--slots`` logical trial slots; many studies (``--entries`` family entries x the
 machine types) of trials whose epochs only sleep (the benchmark-only family ``bench_sleep``,
 ``benchmarks/sleep_family.py``, named in ``$RAYSD_FAMILY_MODULES``: only the processes that look it up import it)
-run through raysd's own search, with its searcher (the preset default) and its study scheduling. Each trial worker
-takes one slot: the slots are logical CPUs (``cpus_per_worker: 1``, the cluster's CPUs = slots + 1, the extra one
-for the trials' token driver shares, as :func:`raysd.search.init_ray` does), because a trial asking for a GPU makes
-Ray Train start a CUDA device and an NCCL process group, which a machine without a GPU cannot; Ray schedules a
-logical CPU like a logical GPU (both are counted resources in placement groups), so the orchestration measured is
-the one a GPU cluster runs.
+run through raysd's own search, with its searcher (the preset default) and its study scheduling. Each trial takes
+one slot: the slots are logical CPUs (``cpus_per_worker: 1``, the cluster's CPUs = slots), because a trial asking
+for a GPU would start CUDA, which a machine without a GPU cannot; Ray schedules a logical CPU like a logical GPU
+(both are counted resources in placement groups), so the orchestration measured is the one a GPU cluster runs.
 
 Reported:
 - utilisation: the slot-seconds spent in training epochs (the sleeps) over the slot-seconds available from the
   search's start to its last trial's end (and over those of the busy part: from the first epoch to the last);
 - the gap between trials on one slot: from one trial's last epoch to the next trial's first epoch on the same
-  slot (slots reconstructed by giving each trial, in order of its first epoch, the slot freed first), split into
-  a trial's start (its Tune driver starting to its first epoch: placement group, worker group, data, model) and
-  end (its last epoch to its trial record: final checkpoint, scores, shutting the workers down);
+  slot (slots reconstructed by giving each trial, in order of its first epoch, the slot freed first); the time from
+  the search's start to the first epoch (the cluster's first trial process, data, model); a trial's end (its last
+  epoch to its record: final checkpoint, scores, the study driver's record); and how many processes ran trials
+  (fewer than trials: a slot's next trial reused the process);
 - the CPU time of the head node's parts, sampled from every process once a second: the search driver, the study
-  controllers (Tune, Optuna), the trials' Tune drivers, Ray Train's controllers and the helper actors it starts
-  per trial, the trial workers (which only sleep, so all of theirs is overhead), Ray's pool of idle workers and
+  controllers (Tune, Optuna), the trials (Tune trainables, which only sleep, so all of theirs is overhead), Ray
+  Train's controllers, helper actors and workers when trials have several workers, Ray's pool of idle workers and
   its own processes (GCS, raylet, dashboard). A process's CPU time goes to what its title says at the sample.
 
     python benchmarks/orchestration.py [--slots 8] [--epoch-seconds 10] [--epochs 6] [--entries 3] [--trials 8]
@@ -54,8 +53,8 @@ CATEGORIES = {  # process title fragment -> category, first match wins
     "run_study": "study controllers (Tune + Optuna)",
     "TrainController": "Train controllers",
     "RayTrainWorker": "trial workers",
-    "raysd_": "trial Tune drivers",
-    "ImplicitFunc": "trial Tune drivers",
+    "raysd:": "trials (Tune trainables)",
+    "ImplicitFunc": "trials (Tune trainables)",
     "SynchronizationActor": "Train helper actors",
     "PlacementGroupCleaner": "Train helper actors",
     "_QueueActor": "Train helper actors",
@@ -74,7 +73,7 @@ CATEGORIES = {  # process title fragment -> category, first match wins
 @dataclass
 class TrialTimes:
     trial: str
-    started: float  # its Tune driver started (trial record time - wall seconds)
+    started: float  # its Tune trainable started (trial record time - wall seconds)
     first: float  # first epoch began
     last: float  # last epoch ended
     ended: float  # its trial record was written
@@ -101,12 +100,6 @@ def slot_gaps(trials: list[TrialTimes], slots: int) -> list[float]:
     """The gap between consecutive trials on one slot: each trial, in order of its first epoch, takes the slot
     whose last trial's last epoch ended first."""
     return [t.first - last for t, last in _follow(trials, slots)]
-
-
-def early_starts(trials: list[TrialTimes], slots: int) -> int:
-    """Trials whose ``TorchTrainer.fit`` began before the trial before them on their slot ended its last epoch
-    (queued trials, ``--queued-trials``)."""
-    return sum(t.started < last for t, last in _follow(trials, slots))
 
 
 def _follow(trials: list[TrialTimes], slots: int) -> list[tuple[TrialTimes, float]]:
@@ -217,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = work / "orchestration.yaml"
     write_preset(preset, a)
-    ray.init(address="local", include_dashboard=True, num_cpus=a.slots + 1, log_to_driver=False,
+    ray.init(address="local", include_dashboard=False, num_cpus=a.slots, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "RAYSD_SLEEP_EVENTS": str(events),
                                        FAMILY_MODULES_ENV: "sleep_family", "OMP_NUM_THREADS": "1"}})
     sampler = CpuSampler()
@@ -244,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {len(trials)} of {studies * a.trials} trials finished with events", file=sys.stderr)
     use = utilisation(trials, a.slots, t0)
     gaps = slot_gaps(trials, a.slots)
-    start = [t.first - t.started for t in trials]
     end = [t.ended - t.last for t in trials]
+    pids = {e["trial"]: e["pid"] for e in evs}
     cpu = dict(sorted(sampler.cpu.items(), key=lambda kv: -kv[1]))
     ideal = studies * a.trials * a.epochs * a.epoch_seconds / a.slots
     result: dict[str, Any] = {
@@ -254,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "makespan_s": round(use["makespan_s"], 1), "ideal_makespan_s": round(ideal, 1),
         "slot_gap_s_median": round(float(np.median(gaps)), 2) if gaps else None,
         "slot_gap_s_p90": round(float(np.quantile(gaps, 0.9)), 2) if gaps else None,
-        "trial_start_s_median": round(float(np.median(start)), 2), "trial_end_s_median": round(float(np.median(end)), 2),
-        "early_starts": early_starts(trials, a.slots),
+        "first_epoch_s": round(min(t.first for t in trials) - t0, 2), "trial_end_s_median": round(float(np.median(end)), 2),
+        "trial_processes": len(set(pids.values())),
         "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_seconds_per_trial": {k: round(v / max(1, len(trials)), 2) for k, v in cpu.items()},
         "machine_cores": os.cpu_count(), "search_args": extra}
@@ -263,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
           f"utilisation {use['utilisation']:.1%} (busy part {use['utilisation_busy_part']:.1%}); makespan "
           f"{use['makespan_s']:.0f} s, ideal {ideal:.0f} s")
     print(f"gap between trials on a slot: median {result['slot_gap_s_median']} s, p90 {result['slot_gap_s_p90']} s; "
-          f"trial start {result['trial_start_s_median']} s, end {result['trial_end_s_median']} s (medians)")
+          f"first epoch {result['first_epoch_s']} s after the search started; trial end {result['trial_end_s_median']} s "
+          f"(median); {result['trial_processes']} trial process(es)")
     for k, v in cpu.items():
         print(f"  cpu {k:36s} {v:8.1f} s  ({v / use['makespan_s']:.2f} cores)")
     print(json.dumps(result))

@@ -268,19 +268,13 @@ class GridOrder:
 
 
 def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[dict]):
-    """The study's searcher as :func:`raysd.search.build_tuner` makes it (in-memory Optuna storage), handed the
-    space the way Tune hands it (``set_search_properties`` with Tune's distributions of :meth:`Problem.space`)."""
-    from ray import tune
-
+    """The study's searcher as :func:`raysd.studies.tune_config` makes it (in-memory Optuna storage), over the space
+    a preset would write for the table's grid (:meth:`Problem.space`)."""
     if not cfg.settings.optuna:
         return GridOrder(p, cfg.seed)
     spec = searchers.SearcherSpec(cfg.settings, p.metric, p.mode, num_samples, p.epochs, cfg.seed)
-    searcher = searchers.make_searcher(spec, f"{p.family}_{p.machine_type}", None, points)
+    searcher = searchers.make_searcher(spec, f"{p.family}_{p.machine_type}", p.space(), None, points)
     assert searcher is not None
-    dists = {k: tune.loguniform(*e["loguniform"]) if "loguniform" in e else tune.choice(e["choice"])
-             for k, e in p.space().items()}
-    searcher.set_search_properties(p.metric, p.mode, {**dists,
-                                                      "epochs": p.epochs})
     return searcher
 
 

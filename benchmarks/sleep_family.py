@@ -52,7 +52,14 @@ class SleepNet(nn.Module):
 
 
 def trial_name() -> str:
-    """The Train run's name, which raysd sets to the Tune trial id ('' outside Ray Train)."""
+    """The Tune trial id: the trial's own in a Tune trainable, the Train run's name (raysd names it so) in a Ray Train
+    worker, '' outside Ray."""
+    try:
+        from ray import tune
+
+        return str(tune.get_context().get_trial_id())
+    except Exception:
+        pass
     try:
         import ray.train
 

@@ -1,10 +1,11 @@
 """The single owner of raysd's on-disk formats: where a search's results lie and what each file holds.
 
 An experiment folder (local, s3:// or gs://) holds ``experiment.json``, one trial record per trial
-(``trials/<study>/<trial_id>.json``, :class:`TrialRecord`), Ray Tune's study folders (``studies/<study>/``)
-and Ray Train's runs (``train/<study>/<trial_id>/checkpoint_*``). Each checkpoint holds the trainer state
-(``state.pt``, loaded weights-only) and :class:`CheckpointInfo` (``trial.json``); the last one also holds the
-per-clip score tables that everything downstream reads; a failed run's last checkpoint holds ``failed.json``.
+(``trials/<study>/<trial_id>.json``, :class:`TrialRecord`, written by the study's driver when the trial ends),
+Ray Tune's study folders (``studies/<study>/``, with a single-worker trial's checkpoints) and Ray Train's runs of
+multi-worker trials (``train/<study>/<trial_id>/``). Each checkpoint holds the trainer state (``state.pt``, loaded
+weights-only) and :class:`CheckpointInfo` (``trial.json``); the last one also holds the per-clip score tables that
+everything downstream reads.
 ``ensemble.json`` (written by the leaderboard, read by ``raysd.score``) names, per machine type, the chosen
 members with their standardisation statistics, the combination rule and a decision threshold per section.
 
@@ -42,12 +43,10 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 STATE_FILE = "state.pt"
 TRIAL_FILE = "trial.json"
-FAILED_FILE = "failed.json"
 SCORES_TEST = "scores_test.csv"
 SCORES_TRAIN = "scores_train.csv"
 SCORES_HELDOUT = "scores_heldout.csv"  # unlabelled data: held-out clips
 PRUNED_FILE = "pruned.csv"  # training clips that anomaly pruning dropped
-FINAL_FILES = frozenset({TRIAL_FILE, STATE_FILE, SCORES_TEST, SCORES_TRAIN})  # a complete last checkpoint
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_VERSION = 1
@@ -70,9 +69,34 @@ def train_storage(experiment: str, study: str) -> str:
 
 
 # ---------------------------------------------------------------------- trial records and checkpoints
+STATUSES = ("finished", "stopped early", "infeasible", "failed", "unfinished")
+TUNE_BOOKKEEPING = frozenset({  # keys Ray Tune adds to every report that say nothing of the trial's outcome
+    "config", "date", "timestamp", "hostname", "pid", "node_ip", "experiment_tag", "should_checkpoint",
+    "checkpoint_dir_name", "done", "iterations_since_restore", "time_since_restore", "time_this_iter_s"})
+
+
+def trial_outcome(last: dict[str, Any], epochs: int | None, error: str | None = None) -> tuple[str, str]:
+    """(status, reason) of a trial from its last report (``last``), its planned ``epochs`` and the error Ray Tune
+    ended it with (after its retries): one of :data:`STATUSES`. A trial whose last report did not reach its
+    epochs, without an error, was stopped by the scheduler."""
+    if error:
+        return "failed", error
+    if last.get("infeasible"):
+        return "infeasible", str(last["infeasible"])
+    if last.get("failed"):
+        return "failed", str(last["failed"])
+    reached = last.get("epoch", last.get("training_iteration"))
+    if not isinstance(reached, (int, float)):
+        return "unfinished", "no result reported"
+    if epochs is None or reached >= epochs:
+        return "finished", ""
+    return "stopped early", f"stopped by the scheduler after {reached:g} of {epochs} epochs"
+
+
 @dataclass
 class TrialRecord:
-    """``trials/<study>/<trial_id>.json``: a trial's outcome as its driver saw it (failed ones with the reason)."""
+    """``trials/<study>/<trial_id>.json``: a trial's outcome (:func:`trial_outcome`), its last report and where its
+    last checkpoint lies, written once by the study's driver when the trial ends."""
 
     study: str = ""
     family: str = ""
@@ -83,7 +107,7 @@ class TrialRecord:
     scope: str | None = None  # the family's scope when not 'machine_type'
     workers: int | None = None
     gpus: float | None = None
-    status: str = "finished"  # 'finished' or 'failed' (the leaderboard adds 'stopped early', 'unfinished')
+    status: str = "finished"  # one of STATUSES
     reason: str | None = None
     metrics: dict | None = None
     wall_seconds: float | None = None
@@ -92,6 +116,18 @@ class TrialRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def ended(self, last: dict[str, Any], epochs: int | None, checkpoint: str | None,
+              error: str | None = None) -> TrialRecord:
+        """This record with a trial's outcome (:func:`trial_outcome`) from its last report ``last``; its wall time
+        (and GPU hours) from Tune's ``time_total_s``; its checkpoint when it has a model."""
+        status, reason = trial_outcome(last, epochs, error)
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool)) and k not in TUNE_BOOKKEEPING}
+        seconds = last.get("time_total_s")
+        wall = float(seconds) if isinstance(seconds, (int, float)) else None
+        return dataclasses.replace(self, status=status, reason=reason or None, metrics=metrics, wall_seconds=wall,
+                                   gpu_hours=(self.gpus or 0.0) * wall / 3600 if wall is not None else None,
+                                   checkpoint=checkpoint if status in ("finished", "stopped early") else None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
@@ -138,27 +174,6 @@ def write_checkpoint(folder: str | os.PathLike, state: dict, info: CheckpointInf
         if table is not None:
             table.to_csv(folder / name, index=False)
     return folder
-
-
-def write_failure(folder: str | os.PathLike, reason: str, epoch: int) -> None:
-    (Path(folder) / FAILED_FILE).write_text(json.dumps({"reason": reason, "epoch": epoch}))
-
-
-def newest_checkpoint(run_dir: str) -> tuple[str, set[str]] | None:
-    """The newest checkpoint folder of a Train run (Train names them by time) and its file names."""
-    files: dict[str, set[str]] = {}
-    for f in storage.list_files(run_dir):
-        folder, name = f.rsplit("/", 1)
-        if folder.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX):
-            files.setdefault(folder, set()).add(name)
-    if not files:
-        return None
-    newest = max(files)
-    return newest, files[newest]
-
-
-def read_failure(checkpoint: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(checkpoint, FAILED_FILE))
 
 
 def read_checkpoint_info(checkpoint: str) -> dict[str, Any]:

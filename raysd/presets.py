@@ -89,6 +89,7 @@ class FamilySearch:
     repeats: int = 1  # the configuration trained this many times, one seed each (a fixed space only)
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # complete points: every searched key
     search: SearchSettings = field(default_factory=SearchSettings)  # the entry's, else the preset's search settings
+    resources: Resources | None = None  # the entry's own per-trial resources, else the preset's
 
     @property
     def searched(self) -> bool:
@@ -326,6 +327,16 @@ def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) ->
         raise _err(path, key, str(e)) from None
 
 
+def _resources(path: Path, where: str, raw: Any) -> Resources:
+    res = _section(path, {where: raw}, where, Resources)
+    if res.workers < 1:
+        raise _err(path, f"{where}.workers", "must be >= 1")
+    if res.workers > 1 and 0 < res.gpus_per_worker < 1:
+        raise _err(path, f"{where}.gpus_per_worker",
+                   "fractional GPUs are only allowed for single-worker trials (DDP needs whole GPUs)")
+    return res
+
+
 def _settings(path: Path, where: str, raw: Any) -> SearchSettings:
     try:
         return read_settings(raw)
@@ -344,7 +355,7 @@ def _check_grid(path: Path, fam: str, space: dict[str, Any], has_points: bool) -
                                                                "drop points_to_evaluate or search with tpe")
 
 
-FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate", "search")
+FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate", "search", "resources")
 TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
             "max_failures", "families", "machine_types", "heldout", "rule", "first_shot", "search"}
 
@@ -390,12 +401,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     scheduler = _section(path, raw, "scheduler", Scheduler)
     if scheduler.type not in ("asha", "none"):
         raise _err(path, "scheduler.type", f"must be 'asha' or 'none', got {scheduler.type!r}")
-    resources = _section(path, raw, "resources", Resources)
-    if resources.workers < 1:
-        raise _err(path, "resources.workers", "must be >= 1")
-    if resources.workers > 1 and 0 < resources.gpus_per_worker < 1:
-        raise _err(path, "resources.gpus_per_worker",
-                   "fractional GPUs are only allowed for single-worker trials (DDP needs whole GPUs)")
+    resources = _resources(path, "resources", raw.get("resources"))
 
     search = _settings(path, "search", raw.get("search"))
     fams_raw = raw.get("families")
@@ -437,7 +443,9 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
             raise _err(path, f"families.{fam}.num_samples", f"{num_samples} trial(s) cannot start from "
                                                             f"{len(points)} points_to_evaluate")
         scope = family_cls(family_cls.Config(**_context(space, family_cls, ""))).scope()
-        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points, settings)
+        own = _resources(path, f"families.{fam}.resources", body["resources"]) if "resources" in body else None
+        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points, settings,
+                                     own)
 
     machine_types = raw.get("machine_types")
     if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
@@ -460,30 +468,3 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
         heldout=heldout, first_shot=first_shot, search=search,
     )
-
-
-def tune_space(search: FamilySearch) -> dict[str, Any]:
-    """The Ray Tune ``param_space`` of one family's search (fixed values stay plain; a grid's choices are
-    ``grid_search``)."""
-    from ray import tune
-
-    out: dict[str, Any] = {}
-    for key, entry in search.space.items():
-        if isinstance(entry, dict):
-            (dist, args), = entry.items()
-            if search.search.algorithm == "grid":
-                out[key] = tune.grid_search(list(args))
-            elif dist == "choice":
-                out[key] = tune.choice(list(args))
-            elif dist == "loguniform":
-                out[key] = tune.loguniform(*(float(a) for a in args))
-            elif dist == "uniform":
-                out[key] = tune.uniform(*(float(a) for a in args))
-            else:
-                out[key] = tune.randint(int(args[0]), int(args[1]))
-        else:
-            out[key] = entry
-    if search.repeats > 1:
-        out["seed"] = tune.grid_search(search.seeds())
-    out["epochs"] = search.epochs
-    return out

@@ -24,7 +24,7 @@ from raysd.log import module_logger
 from raysd.paths import default_cache_dir
 from raysd.presets import FamilySearch, Scheduler, in_distribution
 from raysd.search_settings import SearchSettings
-from raysd.tune_optuna import ResumableOptunaSearch
+from raysd.tune_optuna import OptunaSearcher
 
 log = module_logger(__name__, __spec__)
 
@@ -55,17 +55,30 @@ def make_sampler(settings: SearchSettings, num_samples: int, seed: int):
                                       multivariate=settings.multivariate, constant_liar=settings.constant_liar)
 
 
-def make_searcher(spec: SearcherSpec, study_name: str, storage: Any = None,
-                  points: Sequence[dict[str, Any]] = ()) -> ResumableOptunaSearch | None:
-    """The study's Optuna searcher (``None`` for a grid). ``storage``: an Optuna storage (``None``: in memory);
-    ``points``: complete configurations to evaluate first, in order. Tune hands it the search space through
-    ``set_search_properties``."""
+def param_space(search: FamilySearch, epochs: int) -> dict[str, Any]:
+    """The Ray Tune ``param_space`` of a study: its fixed values and ``epochs``; a grid's choices (and the seeds of
+    repeats) as ``grid_search``. The searched keys of an Optuna search are the searcher's to fill in."""
+    from ray import tune
+
+    out: dict[str, Any] = {k: v for k, v in search.space.items() if not isinstance(v, dict)}
+    if search.search.algorithm == "grid":
+        out.update({k: tune.grid_search(list(v["choice"])) for k, v in search.space.items() if isinstance(v, dict)})
+    if search.repeats > 1:
+        out["seed"] = tune.grid_search(search.seeds())
+    out["epochs"] = epochs
+    return out
+
+
+def make_searcher(spec: SearcherSpec, study_name: str, space: dict[str, Any], storage_url: str | None = None,
+                  points: Sequence[dict[str, Any]] = ()) -> OptunaSearcher | None:
+    """The study's Optuna searcher over the searched keys of a preset ``space`` (``None`` for a grid).
+    ``storage_url``: an Optuna storage URL (``None``: in memory); ``points``: complete configurations to evaluate
+    first, in order."""
     sampler = make_sampler(spec.settings, spec.num_samples, spec.seed)
     if sampler is None:
         return None
-    return ResumableOptunaSearch(metric=spec.metric, mode=spec.mode, study_name=study_name, storage=storage,
-                                 sampler=sampler, points_to_evaluate=list(points) or None, epochs=spec.epochs,
-                                 stopped_as_pruned=spec.settings.stopped_trials == "pruned")
+    return OptunaSearcher(space, spec.metric, spec.mode, study_name, storage_url, sampler, points,
+                          epochs=spec.epochs, stopped_as_pruned=spec.settings.stopped_trials == "pruned")
 
 
 def optuna_storage_url(experiment: str, study: str, override: str | None) -> str:

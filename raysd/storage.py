@@ -17,6 +17,15 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def within(base: str, path: str | None) -> str | None:
+    """A path that Ray gives inside ``base``'s file system (without its scheme) as a URI beside ``base``."""
+    if path is None:
+        return None
+    if is_remote(base) and "://" not in path:
+        return f"{str(base).split('://', 1)[0]}://{path}"
+    return path
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     if is_remote(base):
         return "/".join([str(base).rstrip("/"), *parts])

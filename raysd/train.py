@@ -141,7 +141,7 @@ class Trainer:
         self.info = info
         self.device = torch.device(device)
         torch.manual_seed(hp.seed)
-        self.model = family.build(info).to(self.device)
+        self.model = family.checked_build(info).to(self.device)
         self.net = wrap(self.model) if wrap is not None else self.model
         self.optimizer = make_optimizer(self.net.parameters(), hp)
         self.dtype = amp_dtype(hp, self.device)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from raysd import plan as planning
 from raysd import search
 from raysd.data.catalog import Catalog
 from raysd.data.features import FeatureSpec
@@ -106,13 +107,13 @@ def test_plan_of_dataset_scope_and_first_shot_studies(tmp_path: Path, tiny23_roo
     preset = load_preset(_preset(tmp_path, "  dense_ae: {num_samples: 2}\n  id_classifier: {num_samples: 3, space: "
                                            "{scope: dataset, labels: attribute}}", first_shot))
     args = _args(data_root=[str(tiny23_root)], machine_types=["fan", "valve"], storage_path=[str(tmp_path / "exp")])
-    plan = search.make_plan(preset, args)
+    plan = planning.make_plan(preset, args)
     studies = {s.study: (s.family, s.machine_type, s.machine_types, s.scope) for s in plan.studies}
     dense = {"all__dense_ae": ("dense_ae", "all", ("fan", "valve"), "first_shot")} if first_shot else {
         f"{mt}__dense_ae": ("dense_ae", mt, (), "machine_type") for mt in ("fan", "valve")}
     assert studies == {**dense, "all__id_classifier": ("id_classifier", "all", ("fan", "valve"), "dataset")}
     assert plan.num_samples["all__id_classifier"] == 3
-    search.print_plan(plan, {"dense_ae": 1, "id_classifier": 1}, preset.resources)
+    planning.print_plan(plan, {"dense_ae": 1, "id_classifier": 1}, args)
     out = capsys.readouterr().out
     assert "all__id_classifier" in out and "dataset" in out and "(machine types: fan, valve)" in out
 
@@ -133,7 +134,7 @@ def test_a_family_with_one_class_says_how_to_get_more():
 
     fam, _ = create_family("triplet", {})
     with pytest.raises(ValueError, match="use scope: dataset with labels type_section or attribute"):
-        fam.build(DataInfo(8, 64, 1, ("00",)))
+        fam.checked_build(DataInfo(8, 64, 1, ("00",)))
 
 
 # ------------------------------------------------------------------------------- learning across machine types

@@ -19,7 +19,7 @@ from raysd.data.synth_field import FieldEvent
 from raysd.presets import SEARCH_SPACES, load_preset
 from raysd.report import unlabelled
 
-ENV = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_USAGE_STATS_ENABLED": "0",
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
        "PYTHONUNBUFFERED": "1"}
 EVENT = FieldEvent("motorcycle", 17.4, 5.0, 16.0)
 

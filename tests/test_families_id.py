@@ -213,8 +213,8 @@ def test_id_classifier_scores_unseen_section_by_best_id():
 
 def test_id_classifier_needs_two_classes_and_validates():
     with pytest.raises(ValueError, match="at least 2 classes"):
-        family("id_classifier").build(DataInfo(n_mels=64, n_frames=64, n_classes=1))
-    assert family("id_classifier", warp=True).build(DataInfo(n_mels=64, n_frames=64, n_classes=1)) is not None
+        family("id_classifier").checked_build(DataInfo(n_mels=64, n_frames=64, n_classes=1))
+    assert family("id_classifier", warp=True).checked_build(DataInfo(n_mels=64, n_frames=64, n_classes=1)) is not None
     with pytest.raises(ValueError, match="mixup_fraction"):
         family("id_classifier", mixup_fraction=1.5)
     with pytest.raises(ValueError, match="backbone"):

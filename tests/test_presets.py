@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from raysd import plan as planning
 from raysd import search
-from raysd.presets import PresetError, load_preset, tune_space
+from raysd.presets import PresetError, load_preset
+from raysd.searchers import param_space
+from raysd.studies import StudyRun, tune_config
 from raysd.trial import StudyJob
 
 SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [128, 256]},
@@ -28,6 +31,12 @@ def _job(tmp_path: Path, entry: str = "dense_ae") -> StudyJob:
     return StudyJob(study=f"fan__{entry}", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(),
                     data_root="/nowhere", layout="dcase2020", spec={}, rule="2020", metric="sel_auc",
                     cache_dir=str(tmp_path / "cache"), experiment=str(tmp_path / "exp"), entry=entry)
+
+
+def _config(tmp_path: Path, preset, num_samples: int, epochs: int, share: int, warm: list | None = None):
+    """The study's Tune param_space and TuneConfig, as its driver builds them."""
+    run = StudyRun(preset, preset.families["dense_ae"], num_samples, epochs, share, 3, warm_points=warm)
+    return tune_config(_job(tmp_path), run)
 
 
 # ---------------------------------------------------------------------- points_to_evaluate
@@ -65,52 +74,13 @@ def test_invalid_points_name_file_and_key(tmp_path: Path, entry: dict, key: str)
         in str(e.value)
 
 
-def test_points_are_the_searchers_first_trials_and_a_resume_does_not_repeat_them(tmp_path: Path) -> None:
-    """``Tuner.restore`` hands the search space to a fresh searcher (which enqueues its points) before it
-    restores the snapshot: points already in the Optuna study must not be enqueued again."""
-    import optuna
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from raysd.tune_optuna import ResumableOptunaSearch
-
-    points = [{"lr": 1e-3, "batch_size": 256}, {"lr": 3e-4, "batch_size": 128}]
-    space = {"lr": tune.loguniform(1e-4, 1e-2), "batch_size": tune.choice([128, 256]), "epochs": 3}
-
-    def run(cls, db: str) -> list[dict]:
-        url = f"sqlite:///{tmp_path / db}"
-
-        def searcher() -> OptunaSearch:
-            s = cls(metric="sel_auc", mode="max", study_name="s", storage=optuna.storages.RDBStorage(url),
-                    sampler=optuna.samplers.TPESampler(seed=0), points_to_evaluate=points)
-            s.set_search_properties("sel_auc", "max", space)  # what Tuner.fit does first
-            return s
-
-        first = searcher()
-        got = [first.suggest("t1")]
-        first.on_trial_complete("t1", {"sel_auc": 0.7, "training_iteration": 3})
-        first.save(str(tmp_path / f"{db}.pkl"))  # Tune's snapshot; then the driver stops
-        resumed = searcher()
-        resumed.restore(str(tmp_path / f"{db}.pkl"))
-        got += [resumed.suggest(f"t{i}") for i in (2, 3, 4)]
-        return got
-
-    got = run(ResumableOptunaSearch, "resumable.db")
-    assert got[:2] == points and got[2] not in points and got[3] not in points
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'resumable.db'}")
-    assert sum("fixed_params" in t.system_attrs for t in study.trials) == 2
-    # plain OptunaSearch enqueues the points again on resume and trains them twice
-    assert run(OptunaSearch, "plain.db")[1:] == [points[1], points[0], points[1]]
-
-
-def test_build_tuner_starts_the_search_from_the_points(tmp_path: Path) -> None:
+def test_the_study_starts_its_search_from_the_points(tmp_path: Path) -> None:
     path = _write(tmp_path, {"space": SPACE, "num_samples": 3, "points_to_evaluate": [{}]},
                   scheduler={"type": "asha"})
-    preset = load_preset(path)
-    tuner = search.build_tuner(_job(tmp_path), preset, 3, 2, 1, 0, None, False)
-    searcher = tuner._local_tuner._tune_config.search_alg
-    assert searcher._points_to_evaluate == [{"lr": 1e-3, "batch_size": 256, "hidden": 128}]
-    assert tuner._local_tuner._tune_config.scheduler is not None  # no repeats: ASHA as the preset says
+    space, config = _config(tmp_path, load_preset(path), 3, 2, 1)
+    assert config.search_alg.suggest("t1") == {"lr": 1e-3, "batch_size": 256, "hidden": 128}
+    assert space == {"weight_decay": 0.0, "epochs": 2}  # the searched keys are the searcher's
+    assert config.scheduler is not None  # no repeats: ASHA as the preset says
 
 
 # ---------------------------------------------------------------------- repeats
@@ -120,10 +90,10 @@ def test_repeats_are_a_grid_of_seeds_from_the_fixed_seed(tmp_path: Path) -> None
     fixed = {"lr": 1e-3, "batch_size": 256, "hidden": 64}
     fam = load_preset(_write(tmp_path, {"space": {**fixed, "seed": 7}, "repeats": 3})).families["dense_ae"]
     assert fam.seeds() == [7, 8, 9] and fam.num_samples == 1 and fam.trials() == 3 and fam.trials(2) == 6
-    assert tune_space(fam)["seed"] == tune.grid_search([7, 8, 9])
+    assert param_space(fam, 3)["seed"] == tune.grid_search([7, 8, 9])
     fam = load_preset(_write(tmp_path, {"space": fixed, "repeats": 2, "num_samples": 2})).families["dense_ae"]
     assert fam.seeds() == [0, 1] and fam.trials() == 4  # each seed twice
-    assert "seed" not in tune_space(load_preset(_write(tmp_path, {"space": fixed})).families["dense_ae"])
+    assert "seed" not in param_space(load_preset(_write(tmp_path, {"space": fixed})).families["dense_ae"], 3)
 
 
 @pytest.mark.parametrize("entry, words", [
@@ -144,12 +114,11 @@ def test_repeats_reach_the_tuner_and_every_trial_count(tmp_path: Path, monkeypat
     path = _write(tmp_path, {"space": {"lr": 1e-3, "seed": 5}, "repeats": 3, "epochs": 2},
                   dataset={"root_env": "RAYSD_NO_SUCH_ROOT"}, scheduler={"type": "asha"})
     preset = load_preset(path)
-    tuner = search.build_tuner(_job(tmp_path), preset, 1, 2, 1, 0, None, False)
-    config = tuner._local_tuner._tune_config
+    space, config = _config(tmp_path, preset, 1, 2, 1)
     assert config.search_alg is None and config.scheduler is None and config.num_samples == 1  # every seed to its end
-    assert tuner._local_tuner._param_space["seed"] == {"grid_search": [5, 6, 7]}
+    assert space["seed"] == {"grid_search": [5, 6, 7]}
     job = _job(tmp_path)
-    plan = search.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 2})
+    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 2})
     assert plan.trials(job) == 6 and plan.trials_total() == 6
     assert search.finished_summary(plan) == "trials done per study: fan__dense_ae 0/6"
     assert search.main([str(path), "--dry-run"]) == 0  # no data: the part of the plan the preset fixes
@@ -195,13 +164,11 @@ def test_a_grid_trains_every_combination_of_the_choices(tmp_path: Path, monkeypa
     fam = preset.families["dense_ae"]
     assert preset.search.algorithm == fam.search.algorithm == "grid" and not fam.search.optuna
     assert fam.num_samples == 1 and fam.grid_size() == 6 and fam.trials() == 6 and fam.trials(2) == 12
-    assert tune_space(fam)["lr"] == {"grid_search": [1e-4, 1e-3, 1e-2]}
-    tuner = search.build_tuner(_job(tmp_path), preset, 1, 2, 4, 0, None, False)
-    config = tuner._local_tuner._tune_config
+    space, config = _config(tmp_path, preset, 1, 2, 4)
+    assert space["lr"] == {"grid_search": [1e-4, 1e-3, 1e-2]} and space["batch_size"] == {"grid_search": [128, 256]}
     assert config.search_alg is None and config.num_samples == 1 and config.scheduler is not None
-    assert tuner._local_tuner._param_space["batch_size"] == {"grid_search": [128, 256]}
     job = _job(tmp_path)
-    plan = search.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 1})
+    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 1})
     assert plan.trials(job) == 6 and plan.trials_total() == 6
     assert search.main([str(path), "--dry-run"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
@@ -231,13 +198,13 @@ def test_search_settings_reach_the_sampler_and_searcher(tmp_path: Path, settings
     import optuna
 
     preset = load_preset(_write(tmp_path, {"space": SPACE, "num_samples": 16}, search=settings))
-    tuner = search.build_tuner(_job(tmp_path), preset, 16, 5, 8, 3, None, False)
-    searcher = tuner._local_tuner._tune_config.search_alg
-    sampler = searcher._sampler
+    _, config = _config(tmp_path, preset, 16, 5, 8)
+    searcher = config.search_alg
+    sampler = searcher.sampler
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == n_startup
     assert sampler._multivariate is multivariate and sampler._constant_liar is liar
-    assert searcher._stopped_as_pruned is pruned and searcher._epochs == 5
-    assert tuner._local_tuner._tune_config.max_concurrent_trials == 8
+    assert searcher.stopped_as_pruned is pruned and searcher.epochs == 5
+    assert config.max_concurrent_trials == 8 and config.reuse_actors  # one worker: the trial process is reused
 
 
 def test_random_search_cap_and_warm_points_reach_the_tuner(tmp_path: Path) -> None:
@@ -246,8 +213,26 @@ def test_random_search_cap_and_warm_points_reach_the_tuner(tmp_path: Path) -> No
     path = _write(tmp_path, {"space": SPACE, "num_samples": 6, "points_to_evaluate": [{}]},
                   search={"algorithm": "random", "max_concurrent_per_study": 2, "warm_start": 2})
     warm = [{"lr": 3e-3, "batch_size": 128, "hidden": 32}]
-    tuner = search.build_tuner(_job(tmp_path), load_preset(path), 6, 5, 8, 3, None, False, warm)
-    config = tuner._local_tuner._tune_config
-    assert isinstance(config.search_alg._sampler, optuna.samplers.RandomSampler)
+    _, config = _config(tmp_path, load_preset(path), 6, 5, 8, warm)
+    assert isinstance(config.search_alg.sampler, optuna.samplers.RandomSampler)
     assert config.max_concurrent_trials == 2  # the cap under the study's share of 8
-    assert config.search_alg._points_to_evaluate == [{"lr": 1e-3, "batch_size": 256, "hidden": 128}, *warm]
+    assert config.search_alg.points == [{"lr": 1e-3, "batch_size": 256, "hidden": 128}, *warm]
+
+
+def test_an_entry_may_hold_its_own_resources(tmp_path: Path, capsys) -> None:
+    """A small family shares a GPU: its entry's fraction replaces the preset's whole GPU, the command line overrides
+    both, and the dry run says how many of its trials share one GPU."""
+    path = _write(tmp_path, {"space": SPACE, "resources": {"gpus_per_worker": 0.25, "cpus_per_worker": 2}},
+                  resources={"workers": 1, "cpus_per_worker": 4, "gpus_per_worker": 1}, dataset={"root_env": "NOPE"})
+    preset = load_preset(path)
+    args = search.parse_args([str(path)])
+    assert planning.resources(preset, "dense_ae", args).gpus_per_worker == 0.25
+    assert planning.resources(preset, None, args).gpus_per_worker == 1
+    assert planning.resources(preset, "dense_ae", search.parse_args([str(path), "--gpus-per-worker", "0"])).use_gpu is False
+    assert search.main([str(path), "--dry-run"]) == 0
+    assert "1 worker(s) x 2 CPU + 0.25 GPU (4 trials per GPU)" in capsys.readouterr().out
+    body = yaml.safe_load(path.read_text())
+    body["families"]["dense_ae"]["resources"] = {"workers": 2, "gpus_per_worker": 0.5}
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(PresetError, match="families.dense_ae.resources.gpus_per_worker"):
+        load_preset(path)

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysd import cluster, search
+from raysd import cluster, search, studies
+from raysd import plan as planning
 from raysd.presets import SEARCH_SPACES, PresetError, load_preset
-from raysd.trial import ended_run
+from raysd.trial import StudyJob
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", "RAY_USAGE_STATS_ENABLED": "0",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.parametrize("path", sorted(SEARCH_SPACES.glob("*.yaml")), ids=lambda p: p.stem)
@@ -103,7 +103,7 @@ def test_resource_overrides_reach_every_study(tiny_root: Path, tmp_path: Path, c
     assert search.main(args + ["--gpus-per-worker", "0", "--cpus-per-worker", "1", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("2 worker(s) x 1 CPU\n") == 2 and "GPU\n" not in out
-    plan = search.make_plan(load_preset("dcase20"), search.parse_args(args + ["--gpus-per-worker", "0"]))
+    plan = planning.make_plan(load_preset("dcase20"), search.parse_args(args + ["--gpus-per-worker", "0"]))
     assert {(j.use_gpu, j.gpus_per_worker, j.cpus_per_worker) for j in plan.studies} == {(False, 0.0, 4.0)}
     assert search.main(args + ["--workers", "2", "--gpus-per-worker", "0.5"]) == 2
     assert "fractional --gpus-per-worker" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
     }
     preset = _preset(tmp_path, fams, machine_types=["fan", "valve"])
     exp = tmp_path / "exp" / "t"
-    cmd = _search_cmd(preset, tiny_root, tmp_path, "--workers", "2")
+    cmd = _search_cmd(preset, tiny_root, tmp_path, "--workers", "2", "--cpus-per-worker", "0.9")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 900
@@ -287,12 +287,9 @@ def test_a_gpu_preset_runs_on_cpu_with_the_overrides(tiny_root: Path, tmp_path: 
     done = subprocess.run(cmd + ["--gpus-per-worker", "0", "--cpus-per-worker", "1"], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, _story(done)
-    # dcase20 stops trials with ASHA, which ends a trial at its last epoch before its driver writes a record:
-    # the run's final checkpoint is the outcome
-    (run,) = (tmp_path / "exp" / "dcase20" / "train" / "fan__dense_ae").iterdir()
-    metrics, checkpoint = ended_run(str(run))
-    assert 0.0 <= metrics["sel_auc"] <= 1.0 and not metrics.get("failed")
-    scores = __import__("pandas").read_csv(Path(checkpoint) / "scores_test.csv")
+    (record,) = _records(tmp_path / "exp" / "dcase20")["fan__dense_ae"]  # ASHA ended it at its last epoch
+    assert record["status"] == "finished" and 0.0 <= record["metrics"]["sel_auc"] <= 1.0
+    scores = __import__("pandas").read_csv(Path(record["checkpoint"]) / "scores_test.csv")
     assert scores["score"].notna().all() and set(scores["machine_type"]) == {"fan"}
 
 
@@ -314,79 +311,28 @@ def test_nan_trial_fails_with_reason_and_search_continues(tiny_root: Path, tmp_p
     assert good["status"] == "finished"
 
 
-@pytest.mark.slow
-def test_trial_restarted_after_its_last_report_completes_without_training_again(
-        tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A driver stopped between a trial's last report and Tune recording it: the restarted trial finds its
-    Train run ended and reports its final metrics again (Tune rejects a trial that reports nothing),
-    keeping the checkpoint it already has. Both runs happen inside one Tune trial, so this is deterministic."""
-    import ray
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-
-    from raysd.trial import run_trial, train_worker
-
-    for k, v in ENV.items():
-        monkeypatch.setenv(k, v)
-    path = _preset(tmp_path, {"dense_ae": {"num_samples": 1, "epochs": 1, "space": {"lr": 1e-3, "batch_size": 512}}},
-                   machine_types=["fan"])
-    args = search.parse_args([str(path), "--data-root", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
-                              "--storage-path", str(tmp_path / "exp")])
-    plan = search.make_plan(load_preset(path), args)
-    search.warm_cache(plan)
-    (job,) = plan.studies
-
-    def trainable(params: dict) -> None:
-        first = TorchTrainer(  # the run as the interrupted driver left it: trained, never seen by Tune
-            train_worker, train_loop_config={"job": job, "params": params},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name=tune.get_context().get_trial_id(), storage_path=job.train_storage),
-        ).fit()
-        (tmp_path / "first.json").write_text(json.dumps({"checkpoint": first.checkpoint.path,
-                                                         "sel_auc": first.metrics["sel_auc"]}))
-        run_trial(params, job)
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        grid = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": 0.5}), param_space={"lr": 1e-3, "batch_size": 512, "epochs": 1},
-            tune_config=tune.TuneConfig(metric="sel_auc", mode="max", num_samples=1),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="restart"),
-        ).fit()
-    finally:
-        ray.shutdown()
-    (result,) = grid
-    assert result.error is None, result.error
-    first = json.loads((tmp_path / "first.json").read_text())
-    assert result.metrics["sel_auc"] == pytest.approx(first["sel_auc"])
-    (record,) = _records(tmp_path / "exp" / "t")["fan__dense_ae"]
-    assert record["status"] == "finished"
-    assert record["checkpoint"] == first["checkpoint"]
-    assert record["metrics"]["epoch"] == 1
-
-
-def _job(workers: int, gpus: float, cpus: float = 8.0) -> search.StudyJob:
+def _job(workers: int, gpus: float, cpus: float = 8.0) -> StudyJob:
     import pandas as pd
 
-    return search.StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",
+    return StudyJob(study="s", family="dense_ae", machine_type="fan", catalog=pd.DataFrame(), data_root=".",
                            layout="dcase2020", spec={}, rule="2020", metric="sel_auc", cache_dir=".", experiment=".",
                            workers=workers, use_gpu=gpus > 0, cpus_per_worker=cpus, gpus_per_worker=gpus)
 
 
 def test_a_trial_no_node_can_hold_is_refused_with_the_override_that_fixes_it() -> None:
-    laptop = [{"CPU": 3.0, "GPU": 0.0}]  # the local instance on 2 cores: one extra CPU for trial drivers
+    laptop = [{"CPU": 2.0, "GPU": 0.0}]  # raysd's local instance on 2 cores
     reason = cluster.infeasible_reason(_job(1, 1.0, cpus=4.0), laptop, autoscaling=False)
     assert "has a GPU" in reason and "--gpus-per-worker 0" in reason
     reason = cluster.infeasible_reason(_job(1, 0.0, cpus=4.0), laptop, autoscaling=False)
-    assert "largest node has 3 CPU" in reason and "--cpus-per-worker 2" in reason
-    reason = cluster.infeasible_reason(_job(4, 0.0, cpus=1.0), laptop, autoscaling=False)
-    assert "--workers 2" in reason  # the third CPU holds the trial driver's share
-    assert cluster.infeasible_reason(_job(2, 0.0, cpus=1.0), laptop, autoscaling=False) is None
+    assert "largest node has 2 CPU" in reason and "--cpus-per-worker 2" in reason
+    assert cluster.infeasible_reason(_job(1, 0.0, cpus=2.0), laptop, autoscaling=False) is None  # one worker: no driver
+    assert "--workers 1" in cluster.infeasible_reason(_job(4, 0.0, cpus=1.0), laptop, autoscaling=False)
+    # two DDP workers of one CPU each leave no share for their driver: just under one CPU each does
+    assert "--cpus-per-worker 0.99" in cluster.infeasible_reason(_job(2, 0.0, cpus=1.0), laptop, autoscaling=False)
+    assert cluster.infeasible_reason(_job(2, 0.0, cpus=0.99), laptop, autoscaling=False) is None
     gpu_node = [{"CPU": 8.0, "GPU": 2.0}]
     assert "--gpus-per-worker 2" in cluster.infeasible_reason(_job(1, 4.0, cpus=1.0), gpu_node, autoscaling=False)
-    # a worker's CPUs and GPUs come from one node: two nodes of 4 CPU cannot hold an 8-CPU worker (the driver's
-    # share fits on the other node, so 4 CPUs per worker do)
+    # a worker's CPUs and GPUs come from one node: two nodes of 4 CPU cannot hold an 8-CPU worker
     assert "--cpus-per-worker 4" in cluster.infeasible_reason(_job(1, 0.0, cpus=8.0), [{"CPU": 4.0, "GPU": 0.0}] * 2,
                                                                autoscaling=False)
     with pytest.raises(cluster.InfeasibleTrial, match="--no-resource-check"):
@@ -427,7 +373,6 @@ def test_capacity_of_an_autoscaling_cluster_comes_from_its_config(tmp_path: Path
 def test_trials_stopped_early_free_their_workers(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tune stops each 2-worker trial after its first epoch (as ASHA does), killing its Train controller: the
     workers' placement group must still be freed, or the next trial waits for CPUs forever."""
-    import ray
     from ray import tune
     from ray.util import placement_group_table
 
@@ -436,15 +381,13 @@ def test_trials_stopped_early_free_their_workers(tiny_root: Path, tmp_path: Path
     path = _preset(tmp_path, {"dense_ae": {"num_samples": 3, "epochs": 3, "space": {"lr": 1e-3, "batch_size": 512}}},
                    machine_types=["fan"])
     args = search.parse_args([str(path), "--data-root", str(tiny_root), "--cache-dir", str(tmp_path / "cache"),
-                              "--storage-path", str(tmp_path / "exp"), "--workers", "2"])
-    plan = search.make_plan(load_preset(path), args)
-    search.warm_cache(plan)
+                              "--storage-path", str(tmp_path / "exp"), "--workers", "2", "--cpus-per-worker", "0.9"])
+    plan = planning.make_plan(load_preset(path), args)
+    planning.warm_cache(plan)
     (job,) = plan.studies
-    search.init_ray()
-    try:
+    with search.attached_ray():
         grid = tune.Tuner(
-            tune.with_resources(search.study_trainable(job), {"cpu": search.DRIVER_CPU}),
-            param_space={"lr": 1e-3, "batch_size": 512, "epochs": 3},
+            studies.register(job), param_space={"lr": 1e-3, "batch_size": 512, "epochs": 3},
             tune_config=tune.TuneConfig(metric="sel_auc", mode="max", num_samples=3, max_concurrent_trials=1),
             run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="stopped",
                                       stop={"training_iteration": 1}),
@@ -458,72 +401,3 @@ def test_trials_stopped_early_free_their_workers(tiny_root: Path, tmp_path: Path
                 break
             time.sleep(1)
         assert not live, f"placement groups of stopped trials never freed: {live}"
-    finally:
-        ray.shutdown()
-
-
-def test_ended_run_reads_the_newest_complete_final_checkpoint(tmp_path: Path) -> None:
-    from raysd.trial import ended_run
-
-    def checkpoint(name: str, files: dict[str, str]) -> Path:
-        d = tmp_path / "run" / name
-        d.mkdir(parents=True)
-        for f, text in files.items():
-            (d / f).write_text(text)
-        return d
-
-    assert ended_run(str(tmp_path / "run")) is None
-    checkpoint("checkpoint_2026-01-01_00-00-01.000000", {"trial.json": json.dumps({"final_metrics": None}), "state.pt": ""})
-    assert ended_run(str(tmp_path / "run")) is None  # mid-run: Train resumes it
-    final = {"trial.json": json.dumps({"final_metrics": {"epoch": 2, "sel_auc": 0.7}}), "state.pt": "", "scores_test.csv": ""}
-    last = checkpoint("checkpoint_2026-01-01_00-00-02.000000", final)
-    assert ended_run(str(tmp_path / "run")) is None  # the final checkpoint lacks a score table: not complete
-    (last / "scores_train.csv").write_text("")
-    assert ended_run(str(tmp_path / "run")) == ({"epoch": 2, "sel_auc": 0.7}, str(last))
-    failed = checkpoint("checkpoint_2026-01-01_00-00-03.000000", {"failed.json": json.dumps({"reason": "nan", "epoch": 3})})
-    metrics, where = ended_run(str(tmp_path / "run"))
-    assert metrics["failed"] == "nan" and metrics["epoch"] == 3 and where == str(failed)
-
-
-@pytest.mark.parametrize("resumable", [True, False])
-def test_searcher_resumed_behind_its_optuna_storage_keeps_going(tmp_path: Path, resumable: bool) -> None:
-    """Tune's snapshot of the searcher predates Optuna finishing the trial (the driver stopped in between);
-    the resumed searcher gets the trial's result again and must not end the study over it."""
-    import optuna
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from raysd.tune_optuna import ResumableOptunaSearch
-
-    cls = ResumableOptunaSearch if resumable else OptunaSearch
-
-    def searcher() -> OptunaSearch:
-        return cls(space={"lr": tune.loguniform(1e-4, 1e-2)}, metric="sel_auc", mode="max", study_name="s",
-                   storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}"))
-
-    first = searcher()
-    assert "lr" in first.suggest("t1")
-    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's last snapshot: t1 still running
-    result = {"sel_auc": 0.7, "training_iteration": 1}
-    first.on_trial_result("t1", result)
-    first.on_trial_complete("t1", result)
-
-    resumed = searcher()
-    resumed.restore(str(tmp_path / "snapshot.pkl"))
-    if not resumable:
-        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-            resumed.on_trial_result("t1", result)
-        return
-    resumed.on_trial_result("t1", result)
-    resumed.on_trial_complete("t1", result)
-    assert "lr" in resumed.suggest("t2")
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
-    assert study.trials[0].value == 0.7
-
-
-def test_the_trial_driver_needs_its_cpu_share_too() -> None:
-    """A worker that takes every CPU of the only node leaves none for the trial's driver: Ray would wait."""
-    assert "--cpus-per-worker 2" in cluster.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}],
-                                                               autoscaling=False)
-    assert cluster.infeasible_reason(_job(1, 0.0, cpus=3.0), [{"CPU": 3.0, "GPU": 0.0}] * 2, autoscaling=False) is None

@@ -16,14 +16,14 @@ from raysd.search_settings import SearchSettings, read_settings
 SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [128, 256]}, "epochs": 4}
 
 
-def _searcher(settings: SearchSettings, epochs: int = 4):
-    from ray import tune
+SEARCHED = {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [128, 256]}}
 
+
+def _searcher(settings: SearchSettings, epochs: int = 4, url: str | None = None, points: list[dict] | None = None):
     spec = searchers.SearcherSpec(settings, "sel_auc", "max", num_samples=8, epochs=epochs, seed=0)
-    s = searchers.make_searcher(spec, "s")
+    s = searchers.make_searcher(spec, "s", SEARCHED, url, points or [])
     assert s is not None
-    s.set_search_properties("sel_auc", "max", {"lr": tune.loguniform(1e-4, 1e-2), "batch_size": tune.choice([128, 256]),
-                                               "epochs": epochs})  # what Tune does first
+    assert s.set_search_properties("sel_auc", "max", {"epochs": epochs})  # what Tune does first
     return s
 
 
@@ -46,7 +46,7 @@ def test_a_trial_stopped_early_is_told_pruned_with_its_last_value(stopped: str, 
     _run(s, "stopped", [0.6, 0.7])  # ASHA stopped it after 2 of 4 epochs
     _run(s, "finished", [0.5, 0.55, 0.6, 0.65])
     _run(s, "ended", [0.8], report_epoch=4)  # a resumed trial that had ended reports its last epoch once
-    stopped_trial, finished, ended = s._ot_study.trials
+    stopped_trial, finished, ended = s.study.trials
     assert stopped_trial.state == state and stopped_trial.value == 0.7
     assert stopped_trial.intermediate_values == ({1: 0.6, 2: 0.7} if stopped == "pruned" else {1: 0.6})
     assert finished.state == ended.state == optuna.trial.TrialState.COMPLETE and finished.value == 0.65
@@ -55,18 +55,41 @@ def test_a_trial_stopped_early_is_told_pruned_with_its_last_value(stopped: str, 
 
 def test_errors_and_tpe_default_keep_rays_handling() -> None:
     s = _searcher(read_settings("tpe_default"))
-    assert s._stopped_as_pruned is False
+    assert s.stopped_as_pruned is False
     _run(s, "stopped", [0.6, 0.7])
     s.suggest("failed")
     s.on_trial_complete("failed", None, error=True)
-    stopped, failed = s._ot_study.trials
+    stopped, failed = s.study.trials
     assert stopped.state == optuna.trial.TrialState.COMPLETE and stopped.value == 0.7  # Ray's default
     assert failed.state == optuna.trial.TrialState.FAIL
 
 
+def test_infeasible_and_diverged_configurations_are_pruned_where_they_ended() -> None:
+    """TPE counts them among the bad configurations (a FAIL would leave it free to propose them again), a diverged
+    one ranked by how far it got."""
+    s = _searcher(SearchSettings())
+    s.suggest("infeasible")
+    s.on_trial_complete("infeasible", {"sel_auc": math.nan, "epoch": 0, "infeasible": "needs at least 2 classes"})
+    s.suggest("diverged")
+    s.on_trial_result("diverged", {"sel_auc": 0.6, "epoch": 1, "training_iteration": 1})
+    s.on_trial_complete("diverged", {"sel_auc": math.nan, "epoch": 2, "failed": "training loss became nan"})
+    infeasible, diverged = s.study.trials
+    assert infeasible.state == diverged.state == optuna.trial.TrialState.PRUNED
+    assert infeasible.intermediate_values == {} and infeasible.user_attrs["raysd_ended"] == "needs at least 2 classes"
+    assert diverged.intermediate_values == {1: 0.6}
+
+
+def test_choices_of_lists_travel_as_json_inside_optuna() -> None:
+    spec = searchers.SearcherSpec(read_settings("random"), "sel_auc", "max", 4, 2)
+    s = searchers.make_searcher(spec, "s", {"hidden": {"choice": [[16], [32, 16]]}}, None, [{"hidden": [32, 16]}])
+    assert s is not None
+    assert s.suggest("a") == {"hidden": [32, 16]}  # the point first, then the sampler
+    assert s.suggest("b")["hidden"] in ([16], [32, 16])
+
+
 def test_grid_has_no_searcher_and_random_is_optunas() -> None:
     spec = searchers.SearcherSpec(read_settings("grid"), "sel_auc", "max", 8, 4)
-    assert searchers.make_searcher(spec, "s") is None and searchers.make_sampler(spec.settings, 8, 0) is None
+    assert searchers.make_searcher(spec, "s", SEARCHED) is None and searchers.make_sampler(spec.settings, 8, 0) is None
     assert isinstance(searchers.make_sampler(read_settings("random"), 8, 0), optuna.samplers.RandomSampler)
 
 
@@ -128,24 +151,35 @@ def test_warm_start_reads_the_finished_trials_of_finished_siblings(tmp_path: Pat
 
 
 def test_a_resumed_searcher_told_again_of_a_stopped_trial_keeps_going(tmp_path: Path) -> None:
-    """Tune's snapshot predates Optuna pruning the trial: the resumed searcher is told of it again."""
-    from ray import tune
-
-    spec = searchers.SearcherSpec(SearchSettings(), "sel_auc", "max", num_samples=8, epochs=4)
-
-    def searcher():
-        s = searchers.make_searcher(spec, "s", optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}"))
-        s.set_search_properties("sel_auc", "max", {"lr": tune.loguniform(1e-4, 1e-2)})
-        return s
-
-    first = searcher()
+    """Tune's snapshot predates Optuna pruning the trial: the resumed searcher is told of it again, and fails the
+    trial it asked for after the snapshot (no Tune trial will ever report it)."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = _searcher(SearchSettings(), url=url)
     first.suggest("t1")
     first.save(str(tmp_path / "snapshot.pkl"))
+    first.suggest("t-after-the-snapshot")
     result = {"sel_auc": 0.7, "training_iteration": 1, "epoch": 1}
     first.on_trial_complete("t1", result)  # stopped after its first epoch
-    resumed = searcher()
+    resumed = _searcher(SearchSettings(), url=url)
     resumed.restore(str(tmp_path / "snapshot.pkl"))
     resumed.on_trial_complete("t1", result)
     assert "lr" in resumed.suggest("t2")
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
-    assert [t.state.name for t in study.trials] == ["PRUNED", "RUNNING"] and study.trials[0].value == 0.7
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "FAIL", "RUNNING"] and study.trials[0].value == 0.7
+
+
+def test_points_are_the_searchers_first_trials_and_a_resume_does_not_repeat_them(tmp_path: Path) -> None:
+    """A restored searcher comes from Tune's pickled copy and its snapshot: the points already in the Optuna study
+    are not enqueued again."""
+    points = [{"lr": 1e-3, "batch_size": 256}, {"lr": 3e-4, "batch_size": 128}]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = _searcher(SearchSettings(), url=url, points=points)
+    got = [first.suggest("t1")]
+    first.on_trial_complete("t1", {"sel_auc": 0.7, "training_iteration": 4, "epoch": 4})
+    first.save(str(tmp_path / "snapshot.pkl"))  # Tune's snapshot; then the driver stops
+    resumed = _searcher(SearchSettings(), url=url, points=points)
+    resumed.restore(str(tmp_path / "snapshot.pkl"))
+    got += [resumed.suggest(f"t{i}") for i in (2, 3, 4)]
+    assert got[:2] == points and got[2] not in points and got[3] not in points
+    study = optuna.load_study(study_name="s", storage=url)
+    assert sum("fixed_params" in t.system_attrs for t in study.trials) == 2

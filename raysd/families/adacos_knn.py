@@ -223,10 +223,13 @@ class AdacosKnnFamily(Family):
         extras = () if hp.branches == "spectrogram" else (SpectrumSpec(f_min=hp.spectrum_f_min, f_max=hp.spectrum_f_max),)
         return View(frames=0, hop=1, layout="image", extras=extras)
 
-    def build(self, info: DataInfo) -> nn.Module:
+    def data_problem(self, info: DataInfo) -> str | None:
         if info.n_classes < 2:
-            raise ValueError(f"adacos_knn needs at least 2 classes, but the training data has {info.n_classes} "
-                             f"({info.labelling}); choose labels that split the data further (type_section or attribute)")
+            return (f"adacos_knn needs at least 2 classes, but the training data has {info.n_classes} "
+                    f"({info.labelling}); choose labels that split the data further (type_section or attribute)")
+        return None
+
+    def build(self, info: DataInfo) -> nn.Module:
         return AdacosKnnNet(info, self.hp)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -61,8 +61,21 @@ class Family:
         """What the class labels of the training clips are (``section`` unless the config chooses)."""
         return getattr(self.hp, "labels", "section")
 
+    def data_problem(self, info: DataInfo) -> str | None:
+        """Why this configuration cannot train on data described by ``info`` (e.g. a classifier given one class),
+        else None. :meth:`build` raises it; the search asks before any trial starts, from the catalog alone, and
+        drops the choices that cannot work on the data at hand."""
+        return None
+
     def build(self, info: DataInfo) -> nn.Module:
         raise NotImplementedError
+
+    def checked_build(self, info: DataInfo) -> nn.Module:
+        """:meth:`build`, after :meth:`data_problem` (a :class:`ValueError` naming the problem)."""
+        problem = self.data_problem(info)
+        if problem:
+            raise ValueError(problem)
+        return self.build(info)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Scalar training loss. ``model`` may be DDP-wrapped: call it, do not reach into it."""

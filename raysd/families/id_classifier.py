@@ -180,14 +180,16 @@ class IdClassifierFamily(Family):
     def n_warps(self) -> int:
         return 1 + len(self.hp.warp_alphas) if self.hp.warp else 1
 
+    def data_problem(self, info: DataInfo) -> str | None:
+        if info.n_classes * self.n_warps() < 2:
+            return (f"id_classifier needs at least 2 classes, but the training data has {info.n_classes} "
+                    f"({info.labelling}); enable warp=true (2 synthetic classes per class), choose labels that split "
+                    "the data further (type_section or attribute, with scope: dataset) or use another family")
+        return None
+
     def build(self, info: DataInfo) -> nn.Module:
         hp = self.hp
         n_out = info.n_classes * self.n_warps()
-        if n_out < 2:
-            raise ValueError(
-                f"id_classifier needs at least 2 classes, but the training data has {info.n_classes} "
-                f"({info.labelling}); enable warp=true (2 synthetic classes per class), choose labels that split the "
-                "data further (type_section or attribute, with scope: dataset) or use another family")
         backbone, width = torchvision_backbone(hp.backbone, hp.width_mult, hp.dropout)
         head = make_head(hp.head, width, n_out, hp.arc_margin, hp.arc_scale, hp.sub_clusters)
         warps = None

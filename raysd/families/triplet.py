@@ -135,11 +135,14 @@ class TripletFamily(Family):
     layout = "image"
     window_fields = ("patch_frames", "patch_hop")
 
-    def build(self, info: DataInfo) -> nn.Module:
+    def data_problem(self, info: DataInfo) -> str | None:
         if info.n_classes < 2:
-            raise ValueError(f"triplet needs at least 2 classes ({info.labelling}) in the training data "
-                             f"(negatives come from another class), got {info.n_classes}; with one section per "
-                             "machine type use scope: dataset with labels type_section or attribute")
+            return (f"triplet needs at least 2 classes ({info.labelling}) in the training data (negatives come from "
+                    f"another class), got {info.n_classes}; with one section per machine type use scope: dataset with "
+                    "labels type_section or attribute")
+        return None
+
+    def build(self, info: DataInfo) -> nn.Module:
         hp = self.hp
         knn = KnnScorer(hp.knn_k, hp.knn_means, seed=hp.ref_seed) if hp.score == "knn" else None
         return TripletNet(info, hp.patch_frames, tuple(hp.channels), hp.emb_dim, hp.dropout, hp.n_refs, hp.normalize,

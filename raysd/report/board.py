@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raysd.artifacts import STATUSES
 from raysd.ensemble import half_metrics
 from raysd.report.experiment import Experiment, Trial, num
 
@@ -81,8 +82,8 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
     prefixes = tuple(f"{p}_" for p in HALVES.values())
     sections = sorted(c for c in df.columns if c not in fixed + aggregates + tail and c.startswith(prefixes))
     hps = sorted(c for c in df.columns if c.startswith("hp_"))
-    status_order = {"finished": 0, "stopped early": 1, "failed": 2, "unfinished": 3}
-    df["_s"] = df["status"].map(status_order).fillna(4)
+    status_order = {s: i for i, s in enumerate(STATUSES)}
+    df["_s"] = df["status"].map(status_order).fillna(len(STATUSES))
     df["_v"] = (df[exp.metric].astype(float) * (1 if exp.mode == "max" else -1)).fillna(-math.inf)
     df = df.sort_values(["machine_type", "_s", "_v", "family", "trial_id"], ascending=[True, True, False, True, True],
                         kind="stable")

@@ -1,9 +1,9 @@
 """Reading an experiment folder written by ``raysd.search`` into typed :class:`Trial` / :class:`Experiment` objects.
 
-Trial records (``trials/<study>/<id>.json``) say how each trial ended; Ray Tune's study folders
-(``studies/<study>/``: its newest ``experiment_state-*.json`` and every trial folder's ``result.json``) fill in
-trials that were stopped early or never wrote a record; the last checkpoint of each finished trial gives its
-per-clip score tables. Nothing here starts Ray.
+Each trial's record (``trials/<study>/<id>.json``, written by its study's driver when the trial ended) says how it
+ended; a trial without one (the search was stopped while it ran) is read from Ray Tune's own state through
+``ray.tune.ExperimentAnalysis``; the last checkpoint of each finished trial gives its per-clip score tables.
+Nothing here starts Ray.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Trial:
     family: str
     machine_type: str
     trial_id: str
-    status: str  # 'finished', 'stopped early', 'failed', 'unfinished'
+    status: str  # one of raysd.artifacts.STATUSES
     params: dict = field(default_factory=dict)
     reason: str = ""
     metrics: dict = field(default_factory=dict)  # last reported
@@ -130,105 +130,54 @@ def read_scores(uri: str) -> pd.DataFrame:
     return t
 
 
-def _last_json_line(uri: str) -> dict:
-    """Last complete JSON line of a Tune ``result.json`` ({} if none)."""
-    try:
-        lines = storage.read_bytes(uri).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return {}
-
-
-def _error_text(uri: str) -> str:
-    try:
-        text = storage.read_bytes(uri).decode("utf-8", "replace").strip().splitlines()
-    except OSError:
-        return ""
-    lines = [x.strip() for x in text if x.strip()]
-    return lines[-1][:500] if lines else ""
-
-
-def tune_trials(study_dir: str) -> dict[str, dict]:
-    """Trials of one Ray Tune study folder, read from its files without starting Ray.
-
-    Returns trial id -> {status (Tune's: TERMINATED, ERROR, RUNNING, ...; '' if unknown), config, last_result,
-    error}. Tune's newest ``experiment_state-*.json`` gives statuses; every trial folder's ``params.json`` and
-    ``result.json`` give configurations and last results (also for trials the state file does not list yet).
-    """
-    files = storage.list_files(study_dir)
-    out: dict[str, dict] = {}
-    states = sorted(f for f in files if PurePosixPath(f).name.startswith("experiment_state-") and f.endswith(".json")
-                    and PurePosixPath(f).parent == PurePosixPath(study_dir))
-    if not states:
-        states = sorted(f for f in files
-                        if PurePosixPath(f).name.startswith("experiment_state-") and f.endswith(".json"))
-    logdirs: dict[str, str] = {}
-    if states:
-        try:
-            data = storage.read_json(states[-1])
-        except (OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"raysd leaderboard: cannot read Tune state {states[-1]} ({e}); using trial folders only")
-            data = {}
-        for entry in data.get("trial_data", []):
-            try:
-                state = json.loads(entry[0])
-                run = json.loads(entry[1]) if len(entry) > 1 else {}
-            except (TypeError, json.JSONDecodeError, IndexError):
-                continue
-            tid = str(state.get("trial_id", ""))
-            if not tid:
-                continue
-            logdir = state.get("relative_logdir") or ""
-            item = {"status": state.get("status", ""), "config": state.get("config") or {},
-                    "last_result": run.get("last_result") or {}, "error": ""}
-            if logdir:
-                logdirs[tid] = storage.join(study_dir, logdir)
-                if run.get("error_filename"):
-                    item["error"] = _error_text(storage.join(study_dir, logdir, run["error_filename"]))
-            out[tid] = item
-    for f in files:
-        p = PurePosixPath(f)
-        if p.name != "result.json":
-            continue
-        last = _last_json_line(f)
-        tid = str(last.get("trial_id", ""))
-        folder = str(p.parent)
-        if not tid:
-            continue
-        item = out.setdefault(tid, {"status": "", "config": {}, "last_result": {}, "error": ""})
-        if last.get("training_iteration", 0) >= item["last_result"].get("training_iteration", 0):
-            item["last_result"] = last
-        if not item["config"]:
-            item["config"] = last.get("config") or {}
-        if not item["error"] and storage.exists(storage.join(folder, "error.txt")):
-            item["error"] = _error_text(storage.join(folder, "error.txt"))
-    return out
-
-
 def num(v: Any) -> float:
     """A reported number as float; NaN for anything else (None, text, booleans)."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
-def _stopped(last: dict, params: dict) -> str:
-    reached = num(last.get("training_iteration", last.get("epoch")))
-    planned = num(params.get("epochs"))
-    if math.isnan(reached):
-        return "stopped by the scheduler"
-    return f"stopped by the scheduler after {reached:g}" + (f" of {planned:g}" if not math.isnan(planned) else "") + \
-        " epochs"
+def unrecorded_trials(study_dir: str, recorded: set[str], epochs: int | None) -> list[artifacts.TrialRecord]:
+    """The trials of a study's Tune experiment that have no raysd record (a search interrupted while they ran, or
+    before their end reached the record), read through Ray Tune's public ``ExperimentAnalysis``. Their outcome comes
+    from their last report as Tune saved it; a trial Tune had not ended is 'unfinished'."""
+    if not storage.exists(study_dir):
+        return []
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(study_dir)
+    except Exception as e:  # no state saved yet, or one this Ray cannot read
+        warnings.warn(f"raysd leaderboard: cannot read Ray Tune's state in {study_dir} ({type(e).__name__}: {e}); "
+                      "trials without a record are left out")
+        return []
+    out = []
+    for trial in analysis.trials:
+        if trial.trial_id in recorded:
+            continue
+        last, config = dict(trial.last_result or {}), dict(trial.config or {})
+        planned = epochs if epochs is not None else config.get("epochs")
+        record = artifacts.TrialRecord(trial_id=trial.trial_id, params=config)
+        if trial.status in ("TERMINATED", "ERROR"):
+            error = "Ray Tune ended it with an error" if trial.status == "ERROR" else None
+            ckpt = last.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint is not None else None)
+            out.append(record.ended(last, planned, storage.within(study_dir, ckpt), error))
+        else:
+            out.append(dataclasses.replace(record.ended(last, planned, None), status="unfinished",
+                                           reason=f"Ray Tune status {trial.status}: the search stopped before it ended"))
+    return out
+
+
+def _trial(rec: artifacts.TrialRecord, study: str, meta: dict) -> Trial:
+    mt_guess, _, fam_guess = study.partition("__")
+    return Trial(study=rec.study or study, family=rec.family or fam_guess, machine_type=rec.machine_type or mt_guess,
+                 trial_id=rec.trial_id, status=rec.status, params={k: v for k, v in rec.params.items()},
+                 reason=rec.reason or "", metrics=rec.metrics or {}, checkpoint=rec.checkpoint,
+                 wall_seconds=num(rec.wall_seconds), gpu_hours=num(rec.gpu_hours), workers=rec.workers, gpus=rec.gpus,
+                 scope=rec.scope or meta.get("study_scopes", {}).get(study, "machine_type"))
 
 
 def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experiment:
-    """Every trial of an experiment folder, with the score tables of finished trials."""
+    """Every trial of an experiment folder, with the score tables of finished trials: one raysd record per trial
+    (written by the study's driver when the trial ended), and Ray Tune's own state for trials without one."""
     root = str(root)
     meta_uri = storage.join(root, artifacts.EXPERIMENT_FILE)
     if not storage.exists(meta_uri):
@@ -246,7 +195,6 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
     study_types: dict[str, list[str]] = dict(meta.get("study_types") or {})
     trials: list[Trial] = []
     for study in studies:
-        mt_guess, _, fam_guess = study.partition("__")
         records: dict[str, artifacts.TrialRecord] = {}
         for f in storage.list_files(storage.join(root, artifacts.TRIALS_DIR, study), ".json"):
             try:
@@ -255,53 +203,15 @@ def load_experiment(root: str | os.PathLike, load_scores: bool = True) -> Experi
                 warnings.warn(f"raysd leaderboard: skipping unreadable trial record {f} ({e})")
                 continue
             records[str(loaded.trial_id or PurePosixPath(f).stem)] = loaded
-        tuned = tune_trials(storage.join(root, artifacts.STUDIES_DIR, study))
-        study_gpus = next((r.gpus for r in records.values() if r.gpus is not None), None)
-        study_workers = next((r.workers for r in records.values() if r.workers is not None), None)
-        for tid in sorted(set(records) | set(tuned)):
-            tn = tuned.get(tid, {})
-            if (rec := records.get(tid)) is not None:
-                t = Trial(study=rec.study or study, family=rec.family or fam_guess,
-                          machine_type=rec.machine_type or mt_guess, trial_id=tid, status=rec.status,
-                          params=rec.params or tn.get("config") or {}, reason=rec.reason or "",
-                          metrics=rec.metrics or tn.get("last_result") or {}, checkpoint=rec.checkpoint,
-                          wall_seconds=num(rec.wall_seconds), gpu_hours=num(rec.gpu_hours),
-                          workers=rec.workers, gpus=rec.gpus)
-                if t.status == "failed" and tn.get("status") == "TERMINATED":
-                    # Tune ended it without an error: the scheduler stopped it, whatever the driver wrote on its way out
-                    last = tn.get("last_result") or {}
-                    t.status = "stopped early"
-                    t.reason = _stopped(last, t.params) + (f" (the trial recorded: {t.reason})" if t.reason else "")
-                    t.metrics = {**last, **t.metrics}
-                if t.status == "failed" and not t.reason:
-                    t.reason = tn.get("error", "") or "failed (no reason recorded)"
-            else:
-                last = tn.get("last_result") or {}
-                params = tn.get("config") or last.get("config") or {}
-                tune_status = str(tn.get("status", ""))
-                planned = num(params.get("epochs"))
-                reached = num(last.get("training_iteration", last.get("epoch")))
-                reason = ""
-                if tune_status == "ERROR" or tn.get("error"):
-                    status, reason = "failed", tn.get("error") or "Ray Tune reported an error"
-                elif tune_status in ("TERMINATED", "") and last:
-                    status = "finished" if not math.isnan(planned) and reached >= planned else "stopped early"
-                    if status == "stopped early":
-                        reason = _stopped(last, params)
-                else:
-                    status = "unfinished"
-                    reason = f"Ray Tune status {tune_status or 'unknown'}" + ("" if last else ", no result reported")
-                wall = num(last.get("time_total_s"))
-                gpus = study_gpus
-                t = Trial(study=study, family=fam_guess, machine_type=mt_guess, trial_id=tid, status=status,
-                          params=params, reason=reason, metrics=last, checkpoint=last.get("checkpoint_path"),
-                          wall_seconds=wall, gpu_hours=(gpus or 0) * wall / 3600 if gpus is not None else math.nan,
-                          workers=study_workers, gpus=gpus)
-            t.params = {k: v for k, v in t.params.items() if k != "job"}
-            if rec is not None and rec.machine_types:
+        epochs = (meta.get("epochs") or {}).get(study)
+        for rec in unrecorded_trials(storage.join(root, artifacts.STUDIES_DIR, study), set(records), epochs):
+            records[rec.trial_id] = rec
+        for tid in sorted(records):
+            rec = records[tid]
+            if rec.machine_types:
                 study_types.setdefault(study, list(rec.machine_types))
-            t.scope = (rec.scope if rec is not None and rec.scope else None) or meta.get("study_scopes", {}).get(
-                study, "machine_type")
+            t = _trial(dataclasses.replace(rec, trial_id=tid), study, meta)
+            t.params = {k: v for k, v in t.params.items() if k != "job"}
             trials.append(t)
     exp = Experiment(root, meta, trials)
     if load_scores:
