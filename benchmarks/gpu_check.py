@@ -10,7 +10,10 @@ carry), so this drives ``raysd.train.Trainer`` directly. It measures, on the dev
   device against the same module on this machine's CPU cores, the reference, in clips per second;
   ``spectrum_features`` the same for the full-clip magnitude spectrum (``SpectrumSpec``, ``adacos_knn``'s input);
 - ``fit``: one short end-to-end ``Trainer.fit`` of ``dense_ae`` on the device with bf16 on synthetic
-  normal clips; its loss must fall and its scores must rank clips with an added tone above normal ones.
+  normal clips; its loss must fall and its scores must rank clips with an added tone above normal ones;
+- ``sharing``: 1, 2, 4 and 8 trials of each small family (``dense_ae``, ``vae``, ``group_made``: the presets give
+  them a quarter of a GPU) training at once on one device, each in a process of its own as Ray runs fractional-GPU
+  trials: the samples per second of all of them together, against one trial alone (the reference).
 
 Each part that fails is reported with its error and the check exits 1; the last line is one JSON object,
 also written to ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool's result folder).
@@ -152,6 +155,60 @@ def end_to_end_fit(device: torch.device, quick: bool) -> dict[str, Any]:
     return result
 
 
+SMALL_FAMILIES = ("dense_ae", "vae", "group_made")
+
+
+def _sharing_worker(family: str, n_clips: int, seconds: float, device_name: str, ready: Any, go: Any,
+                    results: Any) -> None:
+    """One trial of a sharing round: ready, wait for the others, train whole epochs for ``seconds``, report."""
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    fam, hp = create_family(family, {"batch_size": 512, "lr": 1e-3, "amp": "auto" if device.type == "cuda" else "off"})
+    n_mels, n_frames = 128, 313  # a 10 s DCASE clip
+    clips = synthetic_clips(n_clips, n_mels, n_frames, False, os.getpid()).to(device)
+    train = ClipSet(clips, torch.zeros(n_clips).to(device), fam.view())
+    trainer = Trainer(fam, hp, DataInfo(n_mels, n_frames, 1, ("00",)), device=device)
+    trainer.before_training(train)
+    trainer.train_epoch(train.subset(torch.arange(min(8, n_clips))))  # warm-up: kernels, allocator
+    sync(device)
+    ready.put(os.getpid())
+    go.wait()
+    t0, samples = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        samples += trainer.train_epoch(train).samples
+    sync(device)
+    results.put(samples / (time.perf_counter() - t0))
+
+
+def gpu_sharing(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Aggregate training throughput of N small trials sharing the device (module docstring)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    counts = (1, 2) if quick else (1, 2, 4, 8)
+    n_clips, seconds = (16, 1.0) if quick else (400, 6.0)
+    out: dict[str, Any] = {"clips_per_trial": n_clips, "seconds": seconds,
+                           "reference": "one trial alone on the device, same family, data and batch size"}
+    for family in SMALL_FAMILIES:
+        rows = {}
+        for n in counts:
+            ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_sharing_worker, args=(family, n_clips, seconds, str(device), ready, go, results))
+                     for _ in range(n)]
+            for proc in procs:
+                proc.start()
+            for _ in procs:
+                ready.get(timeout=600)
+            go.set()
+            rates = [results.get(timeout=600) for _ in procs]
+            for proc in procs:
+                proc.join(timeout=60)
+            rows[str(n)] = {"samples_per_s_total": round(sum(rates)), "samples_per_s_per_trial": round(sum(rates) / n)}
+        one = rows["1"]["samples_per_s_total"]
+        for row in rows.values():
+            row["total_over_one_trial"] = round(row["samples_per_s_total"] / one, 2)
+        out[family] = rows
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -168,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("features", lambda: logmel_throughput(device, args.quick)),
                        ("spectrum_features", lambda: logmel_throughput(device, args.quick, spectrum=True)),
                        ("fit", lambda: end_to_end_fit(device, args.quick)),
+                       ("sharing", lambda: gpu_sharing(device, args.quick)),
                        ("families", lambda: family_throughput(device, args.quick, args.families))):
         t0 = time.perf_counter()
         try:

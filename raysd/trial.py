@@ -433,9 +433,8 @@ def trial_body(job: StudyJob, params: dict, session: Session) -> None:
         session.report(ended_metrics(0, infeasible=str(e)), None)
         return
     final = resume(parts, session)
-    if final is not None:  # report the ended trial again, with its checkpoint, instead of training anything
-        with session.checkpoint().as_directory() as d:
-            session.report(final, d if session.rank == 0 else None)
+    if final is not None:  # report the ended trial again, naming its final checkpoint, instead of training anything
+        session.report({**final, "checkpoint_path": session.checkpoint().path}, None)
         return
     nodes = sorted(set(session.gather(session.node())))
     report = TrialReport(job, params, parts, session, nodes)

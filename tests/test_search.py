@@ -104,7 +104,7 @@ def test_resource_overrides_reach_every_study(tiny_root: Path, tmp_path: Path, c
     out = capsys.readouterr().out
     assert out.count("2 worker(s) x 1 CPU\n") == 2 and "GPU\n" not in out
     plan = planning.make_plan(load_preset("dcase20"), search.parse_args(args + ["--gpus-per-worker", "0"]))
-    assert {(j.use_gpu, j.gpus_per_worker, j.cpus_per_worker) for j in plan.studies} == {(False, 0.0, 4.0)}
+    assert {(j.use_gpu, j.gpus_per_worker, j.cpus_per_worker) for j in plan.studies} == {(False, 0.0, 4.0), (False, 0.0, 2.0)}
     assert search.main(args + ["--workers", "2", "--gpus-per-worker", "0.5"]) == 2
     assert "fractional --gpus-per-worker" in capsys.readouterr().err
 
@@ -157,13 +157,13 @@ def _records(exp: Path) -> dict[str, list[dict]]:
 
 @pytest.mark.slow
 def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) -> None:
-    """2 families x 2 machine types x 2 trials, trials of 2 DDP workers (gloo); the driver is interrupted
-    after the first finished trial and resumed; every requested trial exists exactly once."""
+    """2 families x 2 trials, trials of 2 DDP workers (gloo); the driver is interrupted after the first finished
+    trial and resumed; every requested trial exists exactly once."""
     fams = {
         "dense_ae": {"num_samples": 2, "epochs": 2, "space": {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 512}},
         "conv_ae": {"num_samples": 2, "epochs": 2, "space": {"lr": {"loguniform": [1e-3, 3e-3]}, "batch_size": 64, "hop": 44}},
     }
-    preset = _preset(tmp_path, fams, machine_types=["fan", "valve"])
+    preset = _preset(tmp_path, fams, machine_types=["fan"])
     exp = tmp_path / "exp" / "t"
     cmd = _search_cmd(preset, tiny_root, tmp_path, "--workers", "2", "--cpus-per-worker", "0.9")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -185,16 +185,16 @@ def test_demo_end_to_end_with_ddp_and_resume(tiny_root: Path, tmp_path: Path) ->
     # like a tool, not a crash: exit 130, one line with what finished and the exact command that resumes
     assert proc.returncode == 130, said[-5000:]
     (line,) = [ln for ln in said.splitlines() if ln.startswith("[raysd] interrupted")]
-    assert "fan__dense_ae" in line and "valve__conv_ae" in line
+    assert "fan__dense_ae" in line and "fan__conv_ae" in line
     assert line.endswith(shlex.join(["python", "-m", "raysd.search", *cmd[3:], "--resume"]))
     assert "Traceback" not in said.split("[raysd] interrupted")[1]
     before = _records(exp)
-    assert 1 <= sum(len(v) for v in before.values()) < 8
+    assert 1 <= sum(len(v) for v in before.values()) < 4
 
     done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, _story(done)
     records = _records(exp)
-    assert sorted(records) == ["fan__conv_ae", "fan__dense_ae", "valve__conv_ae", "valve__dense_ae"]
+    assert sorted(records) == ["fan__conv_ae", "fan__dense_ae"]
     for study, rs in records.items():
         ids = [r["trial_id"] for r in rs]
         assert len(ids) == 2 == len(set(ids)), (study, ids)
