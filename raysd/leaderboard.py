@@ -17,9 +17,15 @@ each finished trial's last checkpoint, and writes to ``--out``:
 - ``ensemble.json`` (the chosen model per machine type, for ``python -m raysd.score``), ``ensemble_scores.csv``
   (its per-clip scores and decisions), ``submission/`` (official DCASE files), ``summary.md`` and PNG plots.
 
-The chosen ensemble of a machine type is the candidate with the best selection-half metric (the best single
-model counts as a candidate of one member; ties go to fewer members). Report-half figures were not used for
-any choice. Every file is written atomically.
+Every figure of a trial or an ensemble has a 95% interval (``*_lo``, ``*_hi``: a stratified bootstrap over the
+test clips, paired across the models of a machine type, :mod:`raysd.report.intervals`), and ``tie`` marks the
+trials the selection half cannot tell from their machine type's leader. The best single model of a machine type is
+picked among those by ``--pick`` (:mod:`raysd.report.picks`). The chosen model of a machine type is the candidate
+with the best selection-half metric (ties go to fewer members), an ensemble only when its gain over the best single
+model is above its bootstrap noise; ``summary.md`` says why. For a study over several machine types
+(``first_shot``, ``dataset``), ``first_shot.csv`` gives each type's leave-one-type-out figure: the report-half
+figure of the configuration chosen on the other types. Report-half figures were not used for any choice. Every
+file is written atomically.
 
 Unlabelled data (a search metric such as ``heldout_loss`` that needs no test labels, e.g. the ``birdaudio``
 field recordings) has no AUC, ensembles or submission files: trials are ranked by the metric (the header of
@@ -35,12 +41,14 @@ recordings the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -60,11 +68,15 @@ from raysd.report.ensembles import (
     seed_table,
 )
 from raysd.report.experiment import LeaderboardError, load_experiment
+from raysd.report.intervals import bootstrap
 from raysd.report.markdown import fmt, summary_markdown
+from raysd.report.picks import PICK_RULES, first_shot_estimates, pick
 from raysd.report.plots import plot_ensemble_histogram, plot_roc
 from raysd.report.unlabelled import DEFAULT_TOP, AnomalyReport, unlabelled_reports
 
 log = module_logger(__name__, __spec__)
+N_BOOT = 1000
+DEFAULT_PICK = "top"
 
 
 @dataclass
@@ -76,16 +88,31 @@ class Report:
     chosen: dict[str, Candidate]
     files: list[Path]
     anomalies: dict[str, AnomalyReport] = field(default_factory=dict)  # machine type -> report (unlabelled data)
+    why: dict[str, str] = field(default_factory=dict)  # machine type -> why its chosen model
 
 
-def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
-          quantile: float = artifacts.DEFAULT_QUANTILE,
-          top_k: int = 10, steps: int = 15, plots: bool = True, top: int | None = None, projection: str = "pca",
-          device: str | None = None) -> Report:
-    """Read an experiment and write every report into ``out`` (default ``results/<preset>``).
+@dataclass
+class Options:
+    """How the leaderboard ranks, picks and reports (the CLI's options)."""
 
-    ``top``: trials per machine type in summary.md (default 5); for unlabelled data, the clips listed in
-    anomalies.csv (default ``raysd.report.unlabelled.DEFAULT_TOP``)."""
+    quantile: float = artifacts.DEFAULT_QUANTILE
+    top_k: int = 10
+    steps: int = 15
+    plots: bool = True
+    top: int | None = None  # trials per type in summary.md; for unlabelled data, clips in anomalies.csv
+    projection: str = "pca"
+    device: str | None = None
+    bootstrap: int = N_BOOT  # bootstrap replicates (0: no intervals, ties or noise rule)
+    pick: str = DEFAULT_PICK
+    ensemble_needs_gain: bool = True  # an ensemble replaces the best single model on a gain above its noise only
+
+
+def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, options: Options | None = None,
+          **kwargs: Any) -> Report:
+    """Read an experiment and write every report into ``out`` (default ``results/<preset>``); ``options`` (or the
+    same fields as keywords) say how."""
+    opts = dataclasses.replace(options or Options(), **kwargs)
+    quantile, top_k, steps, plots, top = opts.quantile, opts.top_k, opts.steps, opts.plots, opts.top
     if not 0.0 < quantile < 1.0:
         raise LeaderboardError(f"--quantile must be between 0 and 1, got {quantile}")
     exp = load_experiment(experiment)
@@ -93,7 +120,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
     if not exp.trials:
         raise LeaderboardError(f"{exp.root}: no trials found (no trials/<study>/*.json and no Ray Tune trial folders "
                                "under studies/)")
-    board, values = leaderboard_table(exp)
+    boot = bootstrap(exp, opts.bootstrap)
+    board, values = leaderboard_table(exp, boot)
     files = [atomic_write_csv(board, out / "leaderboard.csv")]
     if not any(t.status == "finished" for t in exp.trials):
         counts = board["status"].value_counts().to_dict()
@@ -106,6 +134,7 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
     notes: list[str] = []
     per_type: dict[str, list[Candidate]] = {}
     chosen: dict[str, Candidate] = {}
+    why: dict[str, str] = {}
     stats: dict[str, dict[str, pd.DataFrame]] = {}
     by_name = {t.name: t for t in exp.trials}
     label_metric = exp.metric.removeprefix("sel_") in METRIC_KEYS
@@ -115,17 +144,20 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
     elif not label_metric:
         notes.append(f"search metric {exp.metric} needs no test labels: no AUC figures, ensembles or submission "
                      "files; the best trial of each machine type reports its strangest clips")
-        unlabelled = unlabelled_reports(exp, board, values, out, top or DEFAULT_TOP, quantile, projection, plots,
-                                        notes, device)
+        unlabelled = unlabelled_reports(exp, board, values, out, top or DEFAULT_TOP, quantile, opts.projection, plots,
+                                        notes, opts.device)
         files += unlabelled.files
         if unlabelled.doc is not None:
             files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE,
                                            json.dumps(unlabelled.doc, indent=2, default=str)))
     else:
+        sign = 1 if exp.mode == "max" else -1
         for mt in sorted({t.machine_type for t in exp.trials}):
             trials = [t for t in exp.trials if t.machine_type == mt]
+            ranked = sorted((t for t in trials if t.key in values), key=lambda t: (-sign * values[t.key], t.name))
+            single = pick(ranked, values, boot, opts.pick, exp.trials) if ranked else None
             try:
-                cands, st = ensembles_for_type(exp, mt, trials, values, top_k, steps)
+                cands, st = ensembles_for_type(exp, mt, trials, values, top_k, steps, boot, single)
             except (EnsembleError, MetricError) as e:
                 notes.append(f"{mt}: no ensembles ({e})")
                 continue
@@ -133,11 +165,17 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                 notes.append(f"{mt}: no finished trial with scores")
                 continue
             per_type[mt], stats[mt] = cands, st
-            chosen[mt] = choose(cands, exp.mode)
+            chosen[mt], why[mt] = choose(cands, exp.mode, opts.ensemble_needs_gain)
+            if single is not None and single is not ranked[0]:
+                why[mt] += f"; best single model {single.name} by --pick {opts.pick} among the trials tied with " \
+                           f"the leader {ranked[0].name}"
             if len({t.family for t in trials if t.key in values}) < 2:
                 notes.append(f"{mt}: only one family finished, so no best-of-each-family ensemble")
-    ens = ensembles_table(exp, per_type, chosen) if per_type else pd.DataFrame()
+    ens = ensembles_table(exp, per_type, chosen, boot) if per_type else pd.DataFrame()
     files.append(atomic_write_csv(ens, out / "ensembles.csv"))
+    first_shot = first_shot_estimates(exp, values) if label_metric and values else pd.DataFrame()
+    if not first_shot.empty:
+        files.append(atomic_write_csv(first_shot, out / "first_shot.csv"))
     seeds = seed_table(exp, per_type)
     files.append(atomic_write_csv(seeds, out / "seed_ensembles.csv"))
 
@@ -172,9 +210,9 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None,
                                                 doc["machine_types"][mt]["threshold"])]
                 plot_files[mt] = [p.name for p in made if p is not None]
                 files += [p for p in made if p is not None]
-    text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out, seeds)
+    text = summary_markdown(exp, board, best, ens, plot_files, notes, top or 5, unlabelled, out, seeds, why, first_shot)
     files.append(atomic_write_text(out / "summary.md", text))
-    return Report(out, board, best, ens, chosen, files, unlabelled.reports if unlabelled else {})
+    return Report(out, board, best, ens, chosen, files, unlabelled.reports if unlabelled else {}, why)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,6 +232,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="unlabelled data: device for the embedding view (default: CUDA "
                                                   "when available)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--bootstrap", type=int, default=N_BOOT, metavar="N",
+                   help=f"bootstrap replicates for intervals, ties and the ensemble rule (default {N_BOOT}; 0: none)")
+    p.add_argument("--pick", choices=PICK_RULES, default=DEFAULT_PICK,
+                   help=f"which of the trials tied with a machine type's leader is its best single model (default "
+                        f"{DEFAULT_PICK})")
+    p.add_argument("--any-ensemble-gain", action="store_true",
+                   help="let an ensemble replace the best single model on any selection gain, even one within its "
+                        "bootstrap noise")
     args = p.parse_args(argv)
     if args.top is not None and args.top < 1:
         p.error(f"--top must be >= 1, got {args.top}")
@@ -204,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(stream="stdout")
     args = parse_args(argv)
     try:
-        report = build(args.experiment, args.out, quantile=args.quantile, top_k=args.top_k, steps=args.steps,
-                       plots=not args.no_plots, top=args.top, projection=args.projection, device=args.device)
+        report = build(args.experiment, args.out, Options(
+            quantile=args.quantile, top_k=args.top_k, steps=args.steps, plots=not args.no_plots, top=args.top,
+            projection=args.projection, device=args.device, bootstrap=args.bootstrap, pick=args.pick,
+            ensemble_needs_gain=not args.any_ensemble_gain))
     except (LeaderboardError, EnsembleError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -215,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(f"{v} {k}" for k, v in counts.items()), report.out)
     for mt, c in report.chosen.items():
         rep = {k: c.figures.get(f"report_{k}") for k in ("auc", "pauc")}
-        log.info("  %s: chosen %s (%s); report half AUC %s pAUC %s", mt, c.name, member_label(c.weights),
-                 fmt(rep["auc"]), fmt(rep["pauc"]))
+        log.info("  %s: chosen %s (%s); report half AUC %s pAUC %s; %s", mt, c.name, member_label(c.weights),
+                 fmt(rep["auc"]), fmt(rep["pauc"]), report.why.get(mt, ""))
     for mt, r in report.anomalies.items():
         log.info("  %s: strangest %d clips in %s", mt, len(r.top), r.csv)
     return 0

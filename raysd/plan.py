@@ -28,6 +28,7 @@ from raysd.presets import FamilySearch, Preset, Resources
 from raysd.trial import StudyJob
 
 log = module_logger(__name__, __spec__)
+PSEUDO_HOLDOUT = 0.1  # the training clips held out for pseudo_official when the preset holds none out itself
 
 
 class SearchError(RuntimeError):
@@ -128,9 +129,11 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     unknown = sorted(set(families) - set(preset.families))
     if unknown:
         raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
-    study_table = None
-    if preset.heldout:
-        study_table = assign(catalog.table, make_config(HeldoutConfig, preset.heldout, f"{preset.path}: heldout"))
+    study_table, heldout = None, dict(preset.heldout)
+    if not heldout and preset.metric == "pseudo_official":  # its normals: training clips no trial trains on
+        heldout = {"mode": "recordings" if catalog.layout == "recordings" else "clips", "fraction": PSEUDO_HOLDOUT}
+    if heldout:
+        study_table = assign(catalog.table, make_config(HeldoutConfig, heldout, f"{preset.path}: heldout"))
     table = study_table if study_table is not None else catalog.table
     experiment = experiment_path(preset, args)
     plan = Plan(preset, experiment, root, catalog.layout, catalog, [], {})

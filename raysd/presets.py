@@ -44,7 +44,7 @@ from raysd.search_settings import SearchSettings, SettingError, read_settings
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
-METRICS = {"sel_auc": "max", "sel_pauc": "max", "sel_official": "max", "heldout_loss": "min"}
+METRICS = {"sel_auc": "max", "sel_pauc": "max", "sel_official": "max", "heldout_loss": "min", "pseudo_official": "max"}
 RULES = ("2020", "2021", "2022")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,14 @@ from raysd.families.base import create_family
 from raysd.families.clips import ClipSet
 from raysd.log import module_logger
 from raysd.metrics import evaluate, split_half
+from raysd.pseudo import pseudo_metrics, pseudo_set
+from raysd.sessions import Session, TrainSession, TuneSession, distributed_scores
 from raysd.train import EpochStats, Hook, NonFiniteLoss, Trainer, shard_indices
 
 log = module_logger(__name__, __spec__)
 SCORE_COLUMNS = ["file", "machine_type", "section", "domain", "split", "label", "half", "score"]
 CLIP_COLUMNS = ["offset", "num_samples", "sample_rate"]  # recordings layout: where each clip lies in its file
-METRIC_KEYS = ("sel_auc", "sel_pauc", "sel_official", "heldout_loss")
+METRIC_KEYS = ("sel_auc", "sel_pauc", "sel_official", "heldout_loss", "pseudo_official")
 
 
 @dataclass
@@ -137,112 +138,6 @@ def ended_metrics(epoch: int, *, failed: str | None = None, infeasible: str | No
     return {"epoch": epoch, "train_loss": nan, **reason, **{k: nan for k in METRIC_KEYS}}
 
 
-# ---------------------------------------------------------------------- where a trial body reports
-class Session:
-    """The launcher a trial body runs under: its rank among the trial's workers, its device, where its reports and
-    checkpoints go. The base class is a single worker outside Ray (tests, benchmarks)."""
-
-    rank, world = 0, 1
-
-    def __init__(self, use_gpu: bool = False):
-        self.use_gpu = use_gpu
-
-    def device(self) -> torch.device:
-        """The trial's GPU (Ray makes the one it assigned ``cuda:0``) when it holds one, else the CPU."""
-        return torch.device("cuda", 0) if self.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-    def wrap(self) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
-        return None
-
-    def node(self) -> str:
-        return "local"
-
-    def gather(self, value: Any) -> list[Any]:
-        return [value]
-
-    def checkpoint(self) -> Any:
-        """The checkpoint a restarted trial resumes from (an object with ``as_directory()``), or None."""
-        return None
-
-    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
-        """Report one epoch's metrics; ``folder`` (rank 0 only): a checkpoint directory to persist with them."""
-
-
-class TuneSession(Session):
-    """A single-worker trial inside its Ray Tune function trainable."""
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def checkpoint(self) -> Any:
-        from ray import tune
-
-        return tune.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
-        from ray import tune
-
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
-
-
-class TrainSession(Session):
-    """One worker of a multi-worker trial's ``TorchTrainer`` (DDP over the workers)."""
-
-    def __init__(self, use_gpu: bool = False):
-        import ray.train
-
-        super().__init__(use_gpu)
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def device(self) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-
-    def wrap(self) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def gather(self, value: Any) -> list[Any]:
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def checkpoint(self) -> Any:
-        import ray.train
-
-        return ray.train.get_checkpoint()
-
-    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
-
-
-def distributed_scores(trainer: Trainer, data: ClipSet, session: Session) -> np.ndarray:
-    """Each rank scores every ``world``-th clip; every rank gets the full score vector back."""
-    n, rank, world = len(data), session.rank, session.world
-    idx = torch.arange(rank, n, world)
-    part = trainer.score(data if world == 1 else data.subset(idx)) if len(idx) else np.zeros(0)
-    out = np.empty(n)
-    for r, p in enumerate(session.gather(part)):
-        out[r::world] = p
-    return out
-
-
 # ---------------------------------------------------------------------- a worker's data
 @dataclass
 class WorkerData:
@@ -258,6 +153,7 @@ class WorkerData:
     test_rows: pd.DataFrame
     sel_set: ClipSet  # the labelled selection half of the test clips
     sel_rows: pd.DataFrame
+    pseudo: tuple[list[ClipSet], pd.DataFrame] | None = None  # held-out normals and their pseudo-anomalies
 
 
 _CACHE: dict[tuple, WorkerData] = {}  # this process's last study data: a reused trial process starts warm
@@ -289,9 +185,10 @@ def worker_data(job: StudyJob, types: tuple[str, ...], hp_crop: str, view: View,
     halves = test_half(test_rows["file"])
     sel_idx = torch.from_numpy(np.flatnonzero(labelled & (halves == "selection")))
     shard = train_full if world == 1 else train_full.subset(shard_idx)  # one worker: no second copy on the device
-    data = WorkerData(study, spec, train_full, shard_idx, shard,
-                      study.heldout_set(view).to(device) if study.has_heldout else None, test, test_rows,
-                      test.subset(sel_idx).to(device), test_rows.iloc[sel_idx.numpy()])
+    heldout = study.heldout_set(view).to(device) if study.has_heldout else None
+    pseudo = pseudo_set(heldout, study.heldout_table, spec) if heldout is not None and rank == 0 else None
+    data = WorkerData(study, spec, train_full, shard_idx, shard, heldout, test, test_rows,
+                      test.subset(sel_idx).to(device), test_rows.iloc[sel_idx.numpy()], pseudo)
     for k in [k for k in _CACHE if k[:2] + k[3:] != key[:2] + key[3:]]:  # keep one trial's data: one per type
         del _CACHE[k]
     _CACHE[key] = data
@@ -349,6 +246,19 @@ class TrialReport:
                 if d.heldout is not None else None,
                 "pruned": pruned_table(d.study.train_table, pruned_all) if pruned_all else None}
 
+    def pseudo_metrics(self, parts: list[Part]) -> dict[str, float]:
+        """The models' figures on their held-out normals against pseudo-anomalies made of them (:mod:`raysd.pseudo`)."""
+        scores, tables = [], []
+        for p in parts:
+            if p.data.pseudo is None:
+                continue
+            sets, table = p.data.pseudo
+            scores += [p.trainer.score(s) for s in sets]
+            tables.append(table)
+        if not tables:
+            return {}
+        return pseudo_metrics(np.concatenate(scores), pd.concat(tables, ignore_index=True), self.job.rule)
+
     def epoch_end(self, stats: list[EpochStats]) -> None:
         parts, session = self.parts, self.session
         first = parts[0].trainer
@@ -367,6 +277,7 @@ class TrialReport:
         if held and session.rank == 0:
             metrics["heldout_loss"] = float(np.mean([p.trainer.eval_loss(p.data.heldout) for p in held
                                                      if p.data.heldout is not None]))
+            metrics.update(self.pseudo_metrics(held))
         pruned = sum(len(p.trainer.pruned) for p in parts)
         if pruned:
             metrics["pruned_clips"] = pruned * session.world

@@ -144,7 +144,7 @@ EPOCHS = 40  # about 30 s a trial here: the node is lost while its trials train
 def test_a_lost_node_costs_a_retry_not_a_trial(tiny_root: Path, tmp_path: Path) -> None:
     """A head of one CPU and a second node of two, three trials of one CPU each: once every trial has a checkpoint,
     every process of the second node is killed. Its trials are retried on the head from their last checkpoints (their
-    reports continue from there: no epoch reported twice), the search finishes, and every trial has its record."""
+    reports continue from there), the search finishes, and every trial has its record."""
     cluster = _cluster(1, 2)
     info = next(cluster)
     try:
@@ -184,7 +184,10 @@ def test_a_lost_node_costs_a_retry_not_a_trial(tiny_root: Path, tmp_path: Path) 
                 continue
             reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line]
             epochs = [r["epoch"] for r in reports]
-            assert epochs == sorted(set(epochs)) and epochs[-1] == EPOCHS, epochs  # no epoch reported twice
+            # resumed from its last checkpoint: at most the epoch in flight again (Tune registers a report's
+            # checkpoint just after logging the report, so a node lost in between costs that one epoch once more)
+            assert epochs == sorted(epochs) and sorted(set(epochs)) == list(range(1, EPOCHS + 1)), epochs
+            assert len(epochs) - len(set(epochs)) <= 1, epochs
             moved += len({r["nodes"] for r in reports}) > 1
         assert moved >= 1  # at least one trial trained on both nodes: retried on the head after the loss
     finally:

@@ -228,7 +228,7 @@ def test_first_shot_and_dataset_scope_studies_end_to_end(tiny23_root: Path, tmp_
     from raysd.score import score_paths
 
     fams = {
-        "dense_ae": {"num_samples": 1, "epochs": 1, "space": {"lr": 1e-3, "batch_size": 512}},
+        "dense_ae": {"num_samples": 2, "epochs": 1, "space": {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": 512}},
         "id_classifier": {"num_samples": 1, "epochs": 1, "space": {
             "scope": "dataset", "labels": "attribute", "score": "knn", "batch_size": 64, "patch_hop": 30,
             "precise_bn": 512}},
@@ -243,7 +243,8 @@ def test_first_shot_and_dataset_scope_studies_end_to_end(tiny23_root: Path, tmp_
     assert "all__dense_ae (fan): 2 classes (section) over 1 machine type(s)" in said
     records = _records(tmp_path / "exp" / "t")
     assert sorted(records) == ["all__dense_ae", "all__id_classifier"]
-    (dense,), (clf,) = records["all__dense_ae"], records["all__id_classifier"]
+    dense, (clf,) = records["all__dense_ae"][0], records["all__id_classifier"]
+    assert len(records["all__dense_ae"]) == 2
     assert (dense["scope"], clf["scope"]) == ("first_shot", "dataset")
     assert dense["machine_types"] == clf["machine_types"] == ["fan", "valve"] and dense["status"] == "finished"
     state = torch.load(Path(dense["checkpoint"]) / "state.pt", weights_only=True)
@@ -254,8 +255,15 @@ def test_first_shot_and_dataset_scope_studies_end_to_end(tiny23_root: Path, tmp_
 
     board = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
     assert sorted(zip(board["machine_type"], board["family"], board["scope"])) == [
-        ("fan", "dense_ae", "first_shot"), ("fan", "id_classifier", "dataset"),
-        ("valve", "dense_ae", "first_shot"), ("valve", "id_classifier", "dataset")]
+        ("fan", "dense_ae", "first_shot"), ("fan", "dense_ae", "first_shot"), ("fan", "id_classifier", "dataset"),
+        ("valve", "dense_ae", "first_shot"), ("valve", "dense_ae", "first_shot"), ("valve", "id_classifier", "dataset")]
+    # each type's figure of the configuration chosen on the other type, beside the one chosen on both
+    first = pd.read_csv(tmp_path / "results" / "first_shot.csv", dtype={"in_sample_trial": str, "loto_trial": str})
+    ids = {r["trial_id"] for r in records["all__dense_ae"]}
+    mine = first[first["study"] == "all__dense_ae"].set_index("machine_type")
+    assert sorted(mine.index) == ["fan", "valve"] and set(mine["loto_trial"]) <= ids
+    assert mine["loto_report_official"].between(0, 1).all() and mine["in_sample_report_official"].between(0, 1).all()
+    assert "leave one type out" in (tmp_path / "results" / "summary.md").read_text()
     assert board["rank"].notna().all()
     ens = pd.read_csv(tmp_path / "results" / "ensembles.csv")
     fam_best = ens[ens["kind"] == "family-best"].groupby("machine_type")["members"].first()

@@ -174,3 +174,42 @@ def test_the_tune_trainable_and_a_ray_train_worker_give_the_same_scores(tiny_roo
     assert a["file"].tolist() == b["file"].tolist()
     assert a["score"].to_numpy() == pytest.approx(b["score"].to_numpy(), rel=1e-4, abs=1e-6)
     assert tuned.metrics["sel_auc"] == pytest.approx(trained.metrics["sel_auc"], abs=1e-6)
+
+
+def test_held_out_clips_give_a_label_free_metric(tiny_root: Path, tmp_path: Path, one_thread) -> None:
+    """With ``metric: pseudo_official`` the plan holds out a tenth of the training clips (test clips untouched), and
+    every epoch reports the model's figures on them against pseudo-anomalies made of them."""
+    plan = _plan(tmp_path, tiny_root, {"dense_ae": {"num_samples": 1, "epochs": 2, "space": {"batch_size": 512}}},
+                 machine_types=["fan"], metric="pseudo_official")
+    (job,) = plan.studies
+    splits = job.study_table[job.study_table["machine_type"] == "fan"]["split"].value_counts()
+    raw = job.catalog[job.catalog["machine_type"] == "fan"]["split"].value_counts()
+    assert splits["test"] == raw["test"] and splits["heldout"] + splits["train"] == raw["train"]
+    assert 0.05 < splits["heldout"] / raw["train"] < 0.2
+    planning.warm_cache(plan)
+    run = Recorder(tmp_path / "run")
+    trial_body(job, {"batch_size": 512, "epochs": 2}, run)
+    for metrics, _ in run.reports:
+        assert 0.0 <= metrics["pseudo_official"] <= 1.0 and metrics["heldout_loss"] > 0
+        assert {"pseudo_auc", "pseudo_pauc", "sel_auc"} <= set(metrics)
+
+
+def test_a_pitch_shift_moves_a_tone_up_the_mel_axis_and_its_spectrum_alike() -> None:
+    import torch
+
+    from raysd.data.features import FeatureSpec
+    from raysd.data.views import View
+    from raysd.families.clips import ClipSet
+    from raysd.pseudo import pitch_shifted
+
+    spec = FeatureSpec(n_mels=64, clip_seconds=1.0)
+    clips = torch.full((1, 64, 10), -60.0)
+    clips[0, 30] = 0.0  # a tone in band 30
+    spectrum = torch.zeros(1, 100)
+    spectrum[0, 40] = 1.0
+    data = ClipSet(clips, torch.zeros(1), View(frames=0, hop=1, layout="image", extras=("s",)), extras=[spectrum])
+    assert torch.equal(pitch_shifted(data, spec, 1.0).clips, clips)
+    up = pitch_shifted(data, spec, 1.08)
+    assert int(up.clips[0, :, 0].argmax()) > 30 and int(up.extras[0][0].argmax()) in (43, 44)
+    down = pitch_shifted(data, spec, 0.92)
+    assert int(down.clips[0, :, 0].argmax()) < 30

@@ -1,9 +1,12 @@
-"""Held-out clips and the examined recording for unlabelled data (long field recordings).
+"""Held-out clips and the examined recording for unlabelled data (long field recordings), and held-out training
+clips of a DCASE layout.
 
-With no labels, a search is steered by the loss on held-out clips. Held-out clips are whole recordings
-(``mode='recordings'``) or blocks of consecutive clips inside each recording (``mode='time'``); in the
-latter case the ``gap`` clips on both sides of every held-out block are used for neither, so no training
-clip is adjacent to a held-out one.
+With no labels, a search is steered by the loss on held-out clips (or by ``pseudo_official``, :mod:`raysd.pseudo`).
+Held-out clips are whole recordings (``mode='recordings'``) or blocks of consecutive clips inside each recording
+(``mode='time'``); in the latter case the ``gap`` clips on both sides of every held-out block are used for neither,
+so no training clip is adjacent to a held-out one. ``mode='clips'`` (a DCASE layout, whose clips are recordings of
+their own) holds out a ``fraction`` of the training clips of each machine type, section and domain, at least one
+where there are two or more, and leaves the test clips as they are.
 
 ``examine`` names the recording whose strangest moments the user wants: its clips become the ``test``
 split. ``training='others'`` trains on every other recording (the field study's "15-file" setting);
@@ -22,7 +25,7 @@ import pandas as pd
 
 @dataclass
 class HeldoutConfig:
-    mode: Literal["recordings", "time"] = "time"
+    mode: Literal["recordings", "time", "clips"] = "time"
     fraction: float = 0.2
     block_clips: int = 30  # clips per time block (mode 'time')
     gap_clips: int = 2  # clips left out on both sides of a held-out block
@@ -31,8 +34,8 @@ class HeldoutConfig:
     training: Literal["others", "self"] = "others"
 
     def validate(self) -> None:
-        if self.mode not in ("recordings", "time"):
-            raise ValueError(f"heldout.mode must be 'recordings' or 'time', got {self.mode!r}")
+        if self.mode not in ("recordings", "time", "clips"):
+            raise ValueError(f"heldout.mode must be 'recordings', 'time' or 'clips', got {self.mode!r}")
         if not 0.0 <= self.fraction < 1.0:
             raise ValueError(f"heldout.fraction must be in [0, 1), got {self.fraction}")
         if self.block_clips < 1 or self.gap_clips < 0:
@@ -52,6 +55,8 @@ def _match_recording(table: pd.DataFrame, name: str) -> str:
 def assign(table: pd.DataFrame, cfg: HeldoutConfig) -> pd.DataFrame:
     """A copy of a catalog table with ``split`` set to 'train', 'heldout', 'test' or 'unused'."""
     cfg.validate()
+    if cfg.mode == "clips":
+        return hold_out_clips(table, cfg.fraction, cfg.seed)
     t = table.copy()
     t["split"] = "train"
     examined = _match_recording(t, cfg.examine) if cfg.examine else None
@@ -87,3 +92,18 @@ def assign(table: pd.DataFrame, cfg: HeldoutConfig) -> pd.DataFrame:
                         if t.at[order[k], "split"] == "train":
                             t.at[order[k], "split"] = "unused"
     return pd.concat([t, test_rows]).reset_index(drop=True)
+
+
+def hold_out_clips(table: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """A copy of a catalog table whose training clips are held out at ``fraction`` per (machine type, section,
+    domain): at least one where a group has two or more, never all of a group."""
+    t = table.copy()
+    rng = np.random.default_rng(seed)
+    train = t[t["split"] == "train"]
+    cols = [c for c in ("machine_type", "section", "domain") if c in t.columns]
+    for _, g in train.groupby(cols, sort=True, dropna=False):
+        if len(g) < 2 or fraction <= 0:
+            continue
+        n = min(len(g) - 1, max(1, int(round(fraction * len(g)))))
+        t.loc[rng.choice(g.index.to_numpy(), size=n, replace=False), "split"] = "heldout"
+    return t

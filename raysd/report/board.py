@@ -13,6 +13,7 @@ import pandas as pd
 from raysd.artifacts import STATUSES
 from raysd.ensemble import half_metrics
 from raysd.report.experiment import Experiment, Trial, num
+from raysd.report.intervals import Bootstrap
 
 HALVES = {"selection": "sel", "report": "report", "test": "test"}
 
@@ -50,12 +51,17 @@ def metric_value(exp: Experiment, t: Trial, figs: dict[str, float]) -> float:
     return num(t.metrics.get(exp.metric))
 
 
-def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
-    """One row per trial; also ``Trial.key`` -> search-metric value for finished, scored trials."""
+def leaderboard_table(exp: Experiment, boot: Bootstrap | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One row per trial; also ``Trial.key`` -> search-metric value for finished, scored trials. With ``boot``,
+    each scored trial's figures get their intervals (``*_lo``, ``*_hi``) and the ``tie`` column says which trials
+    cannot be told from their machine type's leader (:mod:`raysd.report.intervals`)."""
     rule = exp.rule
     rows, values = [], {}
     for t in exp.trials:
         figs = figures(t.test, rule) if t.scored else {}
+        if boot is not None and t.scored and t.test is not None:
+            figs.update(boot.columns(t.test))
+            boot.selection[t.key] = boot.search_metric(t.test)
         if not figs and t.status == "stopped early":  # what the scheduler compared: the last selection figures
             figs = {k: num(t.metrics.get(k)) for k in ("sel_auc", "sel_pauc", "sel_official") if k in t.metrics}
         value = metric_value(exp, t, figs)
@@ -75,8 +81,8 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
         row.update({"checkpoint": t.checkpoint or "", "reason": t.reason})
         rows.append(row)
     df = pd.DataFrame(rows)
-    aggregates = [c for c in aggregate_columns(rule) if c in df.columns]
-    fixed = ["machine_type", "family", "scope", "study", "trial_id", "status", "rank", "epochs"] + \
+    aggregates = [c for a in aggregate_columns(rule) for c in (a, f"{a}_lo", f"{a}_hi") if c in df.columns]
+    fixed = ["machine_type", "family", "scope", "study", "trial_id", "status", "rank", "tie", "epochs"] + \
         ([exp.metric] if exp.metric not in aggregates else [])
     tail = ["train_seconds", "wall_seconds", "gpu_hours", "workers", "gpus"]
     prefixes = tuple(f"{p}_" for p in HALVES.values())
@@ -91,6 +97,13 @@ def leaderboard_table(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
     df["rank"] = pd.array([pd.NA] * len(df), dtype="Int64")
     for mt, g in df[ok].groupby("machine_type", sort=False):
         df.loc[g.index, "rank"] = np.arange(1, len(g) + 1)
+    if boot is not None and boot.selection:
+        df["tie"] = ""
+        for mt, g in df[ok].groupby("machine_type", sort=False):
+            leader = g["_key"].iloc[0]
+            df.loc[g.index[0], "tie"] = "leader"
+            for i, key in zip(g.index[1:], g["_key"].iloc[1:]):
+                df.loc[i, "tie"] = "tied" if boot.tied(leader, key) else ""
     cols = fixed + aggregates + tail + sections + hps + ["checkpoint", "reason"]
     return df[[c for c in cols if c in df.columns]].reset_index(drop=True), values
 

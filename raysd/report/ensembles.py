@@ -5,7 +5,11 @@ is :mod:`raysd.artifacts`).
 
 A seed ensemble is the mean of the standardised scores of the finished trials of one study whose hyperparameters
 differ in ``seed`` alone (a preset entry's ``repeats``, or a configuration Tune ran more than once): "the best
-configuration, trained N times, averaged"."""
+configuration, trained N times, averaged".
+
+An ensemble replaces the best single model only when its gain on the selection half is above its bootstrap noise:
+the one-sided 95% lower bound of the paired bootstrap of the gain (:func:`raysd.uncertainty.gain`) is above 0. A
+gain within the noise keeps the single model, and the reason says so."""
 
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from raysd.ensemble import (
 from raysd.families.hparams import TrainHP
 from raysd.report.board import aggregate_columns, figures
 from raysd.report.experiment import Experiment, Trial
+from raysd.report.intervals import Bootstrap
+from raysd.uncertainty import gain
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Candidate:
     figures: dict[str, float] = field(default_factory=dict)
     member_figures: dict[str, dict[str, float]] = field(default_factory=dict)  # seeds: each member's own figures
     seeds: dict[str, Any] = field(default_factory=dict)  # seeds: member name -> its seed
+    replicates: np.ndarray | None = None  # the search metric's bootstrap replicates on the selection half
 
     @property
     def members(self) -> list[str]:
@@ -83,13 +90,18 @@ def seed_groups(trials: list[Trial]) -> dict[str, list[Trial]]:
 
 
 def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: dict[str, float],
-                       top_k: int, steps: int) -> tuple[list[Candidate], dict[str, pd.DataFrame]]:
-    """Candidates of one machine type (best single first) and each used member's standardisation statistics."""
+                       top_k: int, steps: int, boot: Bootstrap | None = None,
+                       single: Trial | None = None) -> tuple[list[Candidate], dict[str, pd.DataFrame]]:
+    """Candidates of one machine type (best single first: ``single``, else the top trial by the search metric) and
+    each used member's standardisation statistics; with ``boot``, their intervals and selection replicates."""
     rule, metric, mode = exp.rule, exp.metric, exp.mode
     sign = 1 if mode == "max" else -1
     ranked = sorted((t for t in trials if t.key in values), key=lambda t: (-sign * values[t.key], t.name))
     if not ranked:
         return [], {}
+    if single is not None and single in ranked:
+        ranked.remove(single)
+        ranked.insert(0, single)
     fam_best: dict[str, Trial] = {}
     for t in ranked:
         fam_best.setdefault(t.family, t)
@@ -111,8 +123,12 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
             w[col[n]] = k
         test = meta_test.assign(score=combine_matrix(zt, w, rule_))
         train = meta_train.assign(score=combine_matrix(zr, w, rule_))
-        return Candidate(mt, name, kind, rule_, dict(weights), test, train,
-                         selection=selection_value(test, metric, rule), figures=figures(test, rule))
+        c = Candidate(mt, name, kind, rule_, dict(weights), test, train,
+                      selection=selection_value(test, metric, rule), figures=figures(test, rule))
+        if boot is not None:
+            c.figures.update(boot.columns(test))
+            c.replicates = boot.search_metric(test)
+        return c
 
     out = [build("best single", "single", "mean", {ranked[0].name: 1})]
     if len(fam_best) > 1:
@@ -136,16 +152,30 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
     return out, {n: stats[n] for c in out for n in c.members}
 
 
-def choose(cands: list[Candidate], mode: str) -> Candidate:
+def choose(cands: list[Candidate], mode: str, needs_gain: bool = True) -> tuple[Candidate, str]:
+    """The machine type's model and why: the candidate with the best selection figure (ties to fewer members), an
+    ensemble only when its gain over the best single model is above its bootstrap noise (module docstring;
+    ``needs_gain=False``, or no replicates: the best selection figure alone)."""
     sign = 1 if mode == "max" else -1
+    single = cands[0]
     valid = [c for c in cands if math.isfinite(c.selection)]
     if not valid:
-        return cands[0]
-    return max(valid, key=lambda c: (sign * c.selection, -len(c.members), -cands.index(c)))
+        return single, "no candidate has a selection figure"
+    best = max(valid, key=lambda c: (sign * c.selection, -len(c.members), -cands.index(c)))
+    if best is single or len(best.members) <= 1:
+        return best, "the best single model: no ensemble has a better selection figure"
+    if not needs_gain or best.replicates is None or single.replicates is None:
+        return best, f"{best.name}: the best selection figure"
+    bound, median = gain(best.replicates, single.replicates, mode)
+    if math.isfinite(bound) and bound > 0:
+        return best, (f"{best.name}: selection gain {sign * (best.selection - single.selection):+.4f} over the best "
+                      f"single model, above its bootstrap noise (one-sided 95% bound {bound:+.4f})")
+    return single, (f"kept the best single model: {best.name} gains {sign * (best.selection - single.selection):+.4f} "
+                    f"on the selection half, within its bootstrap noise (one-sided 95% bound {bound:+.4f})")
 
 
-def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chosen: dict[str, Candidate]
-                    ) -> pd.DataFrame:
+def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chosen: dict[str, Candidate],
+                    boot: Bootstrap | None = None) -> pd.DataFrame:
     rule = exp.rule
     key = METRIC_KEYS.get(exp.metric.removeprefix("sel_"), "auc")
     key = "official" if key == "score" else key
@@ -155,7 +185,7 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
             is_chosen: bool, member_figs: list[dict] | None = None) -> None:
         r = {"machine_type": mt, "ensemble": name, "kind": kind, "combine": comb, "n_members": n, "members": members,
              "chosen": is_chosen}
-        r.update({c: figs.get(c, math.nan) for c in aggregate_columns(rule)})
+        r.update({c: figs.get(c, math.nan) for a in aggregate_columns(rule) for c in (a, f"{a}_lo", f"{a}_hi")})
         for p in ("report", "test"):
             r[f"gain_{p}_{key}"] = figs.get(f"{p}_{key}", math.nan) - single.get(f"{p}_{key}", math.nan)
         for p in ("report", "test"):  # a seed ensemble beside its own members
@@ -176,8 +206,8 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
         parts = [c for cands in per_type.values() for c in cands if c.name == name]
         if len(parts) < len(per_type):
             continue
-        overall[name] = figures(pd.concat([p.test for p in parts], ignore_index=True), rule)
-    overall["chosen"] = figures(pd.concat([c.test for c in chosen.values()], ignore_index=True), rule)
+        overall[name] = all_figures(pd.concat([p.test for p in parts], ignore_index=True), rule, boot)
+    overall["chosen"] = all_figures(pd.concat([c.test for c in chosen.values()], ignore_index=True), rule, boot)
     single = overall.get("best single", {})
     for name, figs in overall.items():
         kind = "chosen" if name == "chosen" else next(c.kind for c in next(iter(per_type.values())) if c.name == name)
@@ -185,6 +215,14 @@ def ensembles_table(exp: Experiment, per_type: dict[str, list[Candidate]], chose
     df = pd.DataFrame(rows)
     df["n_members"] = df["n_members"].astype("Int64")
     return df.dropna(axis=1, how="all")
+
+
+def all_figures(test: pd.DataFrame, rule: str, boot: Bootstrap | None) -> dict[str, float]:
+    """Figures of a score table over several machine types, with their intervals when there is a bootstrap."""
+    figs = figures(test, rule)
+    if boot is not None:
+        figs.update(boot.columns(test))
+    return figs
 
 
 def seed_table(exp: Experiment, per_type: dict[str, list[Candidate]]) -> pd.DataFrame:

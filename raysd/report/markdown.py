@@ -37,7 +37,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, ens: pd.DataFrame,
                      plots: dict[str, list[str]], notes: list[str], top: int, unlabelled: Unlabelled | None = None,
-                     out: Path | None = None, seeds: pd.DataFrame | None = None) -> str:
+                     out: Path | None = None, seeds: pd.DataFrame | None = None, why: dict[str, str] | None = None,
+                     first_shot: pd.DataFrame | None = None) -> str:
     rule = exp.rule
     key = exp.metric.removeprefix("sel_")
     trials = board.drop_duplicates(["study", "trial_id"])  # a trial over several machine types has a row in each
@@ -61,11 +62,21 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
                   + "), not by AUC: the data set has no labels.", ""]
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
+    if "tie" in board.columns:
+        lines += ties_markdown(board, exp.metric)
+    if why:
+        lines += ["## What each machine type keeps, and why", ""] + [f"- {mt}: {w}" for mt, w in why.items()] + [""]
+    if first_shot is not None and not first_shot.empty:
+        lines += ["## A configuration for a machine type it has not seen", "",
+                  "For each study over several machine types: the report-half figure on each type of the configuration "
+                  "chosen on every type (in sample), and of the one chosen on the *other* types' selection halves "
+                  "(leave one type out): the figure that predicts a new machine type.", "",
+                  markdown_table(first_shot), ""]
     if not ens.empty:
         lines += ["## Ensembles against the best single model", ""]
         show = ["machine_type", "ensemble", "n_members", "members"] + \
-               [c for c in (f"sel_{key}", f"report_{key}", f"test_{key}", "report_auc", "report_pauc",
-                            f"gain_report_{key}") if c in ens.columns] + ["chosen"]
+               [c for c in (f"sel_{key}", f"report_{key}", f"report_{key}_lo", f"report_{key}_hi", f"test_{key}",
+                            "report_auc", "report_pauc", f"gain_report_{key}") if c in ens.columns] + ["chosen"]
         show = list(dict.fromkeys(show))
         lines += [markdown_table(ens[show]), ""]
         allrow = ens[(ens["machine_type"] == "(all)")]
@@ -94,8 +105,9 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
     lines += [markdown_table(best[list(dict.fromkeys(show))]), ""]
     lines += [f"## Leaderboard (top {top} finished trials per machine type)", ""]
     done = board[board["rank"].notna() & (board["rank"] <= top)]
-    show = [c for c in ["machine_type", "rank", "family", "trial_id", "epochs", exp.metric, f"sel_{key}",
-                        f"report_{key}", "test_auc", "test_pauc", "train_seconds"] if c in board.columns]
+    show = [c for c in ["machine_type", "rank", "tie", "family", "trial_id", "epochs", exp.metric, f"{exp.metric}_lo",
+                        f"{exp.metric}_hi", f"sel_{key}", f"report_{key}", f"report_{key}_lo", f"report_{key}_hi",
+                        "test_auc", "test_pauc", "train_seconds"] if c in board.columns]
     lines += [markdown_table(done[list(dict.fromkeys(show))]), ""]
     other = board[board["status"] != "finished"]
     fin_bad = board[(board["status"] == "finished") & board["rank"].isna()]
@@ -116,6 +128,27 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
                   "`ensemble.json` (`python -m raysd.score ensemble.json RECORDING.wav --report DIR` writes the same "
                   "report for a new recording).", ""]
     return "\n".join(lines)
+
+
+def interval_text(row: pd.Series, column: str) -> str:
+    """``0.7812 [0.70, 0.86]`` of a figure and its interval columns."""
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    text = fmt(row.get(column))
+    return text + (f" [{lo:.2f}, {hi:.2f}]" if isinstance(lo, float) and math.isfinite(lo) else "")
+
+
+def ties_markdown(board: pd.DataFrame, metric: str) -> list[str]:
+    """Which trials each machine type's leader cannot be told from (paired bootstrap on the selection half)."""
+    lines = ["## The leader of each machine type, and the trials tied with it", "",
+             f"`{metric}` with its 95% bootstrap interval. A trial is tied with the leader when the paired bootstrap "
+             "interval of their difference includes 0: the selection half cannot tell them apart.", ""]
+    for mt, g in board[board["tie"].isin(["leader", "tied"])].groupby("machine_type", sort=True):
+        lead = g[g["tie"] == "leader"].iloc[0]
+        tied = g[g["tie"] == "tied"]
+        names = ", ".join(f"{r.family}/{r.trial_id} ({fmt(getattr(r, metric))})" for r in tied.itertuples())
+        lines.append(f"- {mt}: leader {lead['family']}/{lead['trial_id']}, {interval_text(lead, metric)}; "
+                     + (f"tied with it: {names}" if len(tied) else "no trial is tied with it"))
+    return lines + [""]
 
 
 def anomaly_markdown(report: AnomalyReport, base: Path) -> str:
