@@ -9,22 +9,23 @@ Choices a study's data cannot train (:mod:`raysd.feasibility`) are dropped here,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from raysd import storage
 from raysd.data import synth
 from raysd.data.catalog import Catalog
 from raysd.data.heldout import HeldoutConfig, assign
 from raysd.data.store import FeatureStore
-from raysd.families.hparams import make_config
 from raysd.feasibility import feasible_search
 from raysd.log import module_logger
 from raysd.paths import default_cache_dir
-from raysd.presets import FamilySearch, Preset, Resources
+from raysd.preset_schema import Resources, errors
+from raysd.presets import FamilySearch, Preset
 from raysd.trial import StudyJob
 
 log = module_logger(__name__, __spec__)
@@ -68,16 +69,16 @@ def resolve_data(preset: Preset, data_root: str | None, cache_dir: Path, quiet: 
         if not root.exists():
             raise SearchError(f"data root {root} does not exist")
         return root
-    synthetic = preset.dataset.get("synthetic")
+    synthetic = preset.dataset.synthetic
     if not synthetic:
-        env = preset.dataset.get("root_env", "a data root")
+        env = preset.dataset.root_env or "a data root"
         raise NoDataError(
             f"preset '{preset.name}' needs real data: pass --data-root DIR or set {env}.\n"
-            f"  Download it with: python -m raysd.data.download {preset.dataset.get('download', preset.name)} --dest DIR "
+            f"  Download it with: python -m raysd.data.download {preset.dataset.download or preset.name} --dest DIR "
             f"(it prints the --data-root to pass)\n"
             f"  Or try the whole loop on synthetic machine sounds first: python -m raysd.search demo")
-    seed = int(preset.dataset.get("synthetic_seed", 0))
-    layout = preset.dataset.get("synthetic_layout", "dcase2020")
+    seed = preset.dataset.synthetic_seed
+    layout = preset.dataset.synthetic_layout
     out = cache_dir / "synthetic" / f"{synthetic}-{layout}-seed{seed}"
     if not quiet:
         done = (out / "synth_config.json").exists()
@@ -97,15 +98,13 @@ def experiment_path(preset: Preset, args: argparse.Namespace) -> str:
 def resources(preset: Preset, entry: str | None, args: argparse.Namespace) -> Resources:
     """An entry's resources per trial (its own, else the preset's) with the command line's overrides."""
     base = (preset.families[entry].resources if entry else None) or preset.resources
-    res = dataclasses.replace(base, **{k: v for k, v in (
-        ("workers", args.workers), ("cpus_per_worker", args.cpus_per_worker),
-        ("gpus_per_worker", args.gpus_per_worker)) if v is not None})
-    if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
-        raise SearchError(f"invalid resources per trial: {res.workers} worker(s) x {res.cpus_per_worker:g} CPU "
-                          f"+ {res.gpus_per_worker:g} GPU (--workers >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0)")
-    if res.workers > 1 and 0 < res.gpus_per_worker < 1:
-        raise SearchError("fractional --gpus-per-worker is only allowed for single-worker trials (DDP needs whole GPUs)")
-    return res
+    given = {k: v for k, v in (("workers", args.workers), ("cpus_per_worker", args.cpus_per_worker),
+                               ("gpus_per_worker", args.gpus_per_worker)) if v is not None}
+    try:
+        return Resources.model_validate({**base.model_dump(), **given})
+    except ValidationError as e:
+        (key, msg), *_ = errors(e, Resources)
+        raise SearchError(f"invalid resources per trial: --{key.replace('_', '-')}: {msg}") from None
 
 
 def per_trial_text(res: Resources) -> str:
@@ -119,7 +118,7 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     root = resolve_data(preset, args.data_root, cache_dir)
     catalog = Catalog.scan(root, clip_seconds=preset.features.clip_seconds,
-                           layout=preset.dataset.get("layout") if preset.dataset.get("layout") != "auto" else None)
+                           layout=preset.dataset.layout if preset.dataset.layout != "auto" else None)
     found = catalog.machine_types
     wanted = args.machine_types or preset.machine_types or found
     missing = sorted(set(wanted) - set(found))
@@ -129,11 +128,11 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
     unknown = sorted(set(families) - set(preset.families))
     if unknown:
         raise SearchError(f"famil(ies) {unknown} are not in preset {preset.path}; it searches: {list(preset.families)}")
-    study_table, heldout = None, dict(preset.heldout)
-    if not heldout and preset.metric == "pseudo_official":  # its normals: training clips no trial trains on
-        heldout = {"mode": "recordings" if catalog.layout == "recordings" else "clips", "fraction": PSEUDO_HOLDOUT}
-    if heldout:
-        study_table = assign(catalog.table, make_config(HeldoutConfig, heldout, f"{preset.path}: heldout"))
+    study_table, heldout = None, preset.heldout
+    if heldout is None and preset.metric == "pseudo_official":  # its normals: training clips no trial trains on
+        heldout = HeldoutConfig(mode="recordings" if catalog.layout == "recordings" else "clips", fraction=PSEUDO_HOLDOUT)
+    if heldout is not None:
+        study_table = assign(catalog.table, heldout)
     table = study_table if study_table is not None else catalog.table
     experiment = experiment_path(preset, args)
     plan = Plan(preset, experiment, root, catalog.layout, catalog, [], {})

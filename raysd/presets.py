@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from raysd.data.features import CROP_VARIANTS, FeatureSpec
 from raysd.data.heldout import HeldoutConfig
@@ -40,42 +42,16 @@ from raysd.data.study import ALL_TYPES, FIRST_SHOT
 from raysd.data.views import View
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
-from raysd.search_settings import SearchSettings, SettingError, read_settings
+from raysd.preset_schema import DISTRIBUTIONS, METRICS, RULES, Dataset, PresetFile, Resources, Scheduler, errors, schema
+from raysd.search_settings import SearchSettings
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
-METRICS = {"sel_auc": "max", "sel_pauc": "max", "sel_official": "max", "heldout_loss": "min", "pseudo_official": "max"}
-RULES = ("2020", "2021", "2022")
+__all__ = ["DISTRIBUTIONS", "METRICS", "RULES", "SEARCH_SPACES", "FamilySearch", "Preset", "PresetError", "Resources",
+           "Scheduler", "in_distribution", "load_preset"]
 
 
 class PresetError(ValueError):
     """A preset file that cannot be used, with the file and key named."""
-
-
-@dataclass
-class Resources:
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
-    def per_trial(self) -> dict[str, float]:
-        return {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
-
-
-@dataclass
-class Scheduler:
-    """``scheduler:`` of a preset. ASHA's defaults are measured with ``benchmarks/search_efficiency.py`` on the
-    recorded 6-epoch tables: grace 1 / reduction 2 stopped the eventual best in over half the runs (the ``vae``
-    ranks after 1 epoch do not predict those after 6), grace 2 / reduction 3 reached the grid's best in 0.49 of
-    its trial-epochs at 8 trials at once. Long trials want a longer grace (the dcase presets: 5 of 100 epochs)."""
-
-    type: str = "none"  # 'asha' or 'none'
-    grace_period: int = 2
-    reduction_factor: int = 3
 
 
 @dataclass
@@ -119,7 +95,7 @@ class FamilySearch:
 class Preset:
     name: str
     path: Path
-    dataset: dict[str, Any]
+    dataset: Dataset
     features: FeatureSpec
     rule: str
     metric: str
@@ -130,17 +106,17 @@ class Preset:
     max_failures: int
     families: dict[str, FamilySearch]
     machine_types: list[str] | None = None
-    heldout: dict[str, Any] = field(default_factory=dict)
+    heldout: HeldoutConfig | None = None
     first_shot: bool = False  # one configuration per family over every machine type (DCASE 2023-24: no per-type tuning)
     search: SearchSettings = field(default_factory=SearchSettings)  # the top-level ``search:`` (entries may replace it)
 
     def data_root(self, override: str | os.PathLike | None = None) -> Path | None:
         if override:
             return Path(override).expanduser()
-        env = self.dataset.get("root_env")
+        env = self.dataset.root_env
         if env and os.environ.get(env):
             return Path(os.environ[env]).expanduser()
-        root = self.dataset.get("root")
+        root = self.dataset.root
         return Path(root).expanduser() if root else None
 
     def study_scope(self, entry: str) -> str:
@@ -313,37 +289,6 @@ def _points(path: Path, fam: str, raw: Any, space: dict[str, Any], family_cls) -
     return points
 
 
-def _section(path: Path, raw: dict, key: str, cls: type, default: Any = None) -> Any:
-    value = raw.get(key, {}) or {}
-    if not isinstance(value, dict):
-        raise _err(path, key, f"must be a mapping, got {value!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise _err(path, f"{key}.{unknown[0]}", f"unknown key; allowed: {sorted(names)}")
-    try:
-        return cls(**value)
-    except (TypeError, ValueError) as e:
-        raise _err(path, key, str(e)) from None
-
-
-def _resources(path: Path, where: str, raw: Any) -> Resources:
-    res = _section(path, {where: raw}, where, Resources)
-    if res.workers < 1:
-        raise _err(path, f"{where}.workers", "must be >= 1")
-    if res.workers > 1 and 0 < res.gpus_per_worker < 1:
-        raise _err(path, f"{where}.gpus_per_worker",
-                   "fractional GPUs are only allowed for single-worker trials (DDP needs whole GPUs)")
-    return res
-
-
-def _settings(path: Path, where: str, raw: Any) -> SearchSettings:
-    try:
-        return read_settings(raw)
-    except SettingError as e:
-        raise _err(path, f"{where}.{e.key}" if e.key else where, str(e)) from None
-
-
 def _check_grid(path: Path, fam: str, space: dict[str, Any], has_points: bool) -> None:
     """A grid enumerates choices: a range cannot be gridded, and every point is trained anyway."""
     for key, entry in space.items():
@@ -355,9 +300,20 @@ def _check_grid(path: Path, fam: str, space: dict[str, Any], has_points: bool) -
                                                                "drop points_to_evaluate or search with tpe")
 
 
-FAMILY_KEYS = ("family", "space", "num_samples", "epochs", "repeats", "points_to_evaluate", "search", "resources")
-TOP_KEYS = {"name", "description", "dataset", "features", "metric", "seed", "scheduler", "resources",
-            "max_failures", "families", "machine_types", "heldout", "rule", "first_shot", "search"}
+def read_file(path: Path) -> PresetFile:
+    """The preset file, checked against its typed sections (:mod:`raysd.preset_schema`)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path}: a preset must be a YAML mapping")
+    try:
+        return PresetFile.model_validate(raw)
+    except ValidationError as e:
+        (key, msg), *rest = errors(e)
+        more = f" (and {len(rest)} more: {', '.join(k for k, _ in rest)})" if rest else ""
+        raise _err(path, key, msg + more) from None
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -367,60 +323,16 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     if not path.is_file():
         known = sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml"))
         raise PresetError(f"no preset {str(name_or_path)!r} (looked for {path}); known presets: {', '.join(known)}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PresetError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise PresetError(f"{path}: a preset must be a YAML mapping")
-    unknown = sorted(set(raw) - TOP_KEYS)
-    if unknown:
-        raise _err(path, unknown[0], f"unknown top-level key; allowed: {sorted(TOP_KEYS)}")
-
-    dataset = raw.get("dataset") or {}
-    if not isinstance(dataset, dict):
-        raise _err(path, "dataset", "must be a mapping")
-    rule = str(raw.get("rule", dataset.get("rule", "2020")))
-    if rule not in RULES:
-        raise _err(path, "rule", f"must be one of {list(RULES)}, got {rule!r}")
-
-    spec_fields = {f.name for f in dataclasses.fields(FeatureSpec)}
-    feats = raw.get("features") or {}
-    bad = sorted(set(feats) - spec_fields)
-    if bad:
-        raise _err(path, f"features.{bad[0]}", f"unknown feature setting; allowed: {sorted(spec_fields)}")
-    try:
-        spec = FeatureSpec.from_dict(feats)
-    except (TypeError, ValueError) as e:
-        raise _err(path, "features", str(e)) from None
-
-    metric = raw.get("metric", "sel_auc")
-    if metric not in METRICS:
-        raise _err(path, "metric", f"must be one of {sorted(METRICS)}, got {metric!r}")
-
-    scheduler = _section(path, raw, "scheduler", Scheduler)
-    if scheduler.type not in ("asha", "none"):
-        raise _err(path, "scheduler.type", f"must be 'asha' or 'none', got {scheduler.type!r}")
-    resources = _resources(path, "resources", raw.get("resources"))
-
-    search = _settings(path, "search", raw.get("search"))
-    fams_raw = raw.get("families")
-    if not isinstance(fams_raw, dict) or not fams_raw:
-        raise _err(path, "families", "must map at least one family name to its search settings")
+    doc = read_file(path)
+    search = doc.search or SearchSettings()
     families: dict[str, FamilySearch] = {}
-    for fam, body in fams_raw.items():
-        body = body or {}
-        if not isinstance(body, dict):
-            raise _err(path, f"families.{fam}", f"must be a mapping of {', '.join(FAMILY_KEYS)}, got {body!r}")
-        family_name = str(body.get("family", fam))
+    for fam, body in doc.families.items():
+        family_name = body.family or fam
         try:
             family_cls = get_family(family_name)
         except (KeyError, ImportError) as e:
-            raise _err(path, f"families.{fam}" + (".family" if "family" in body else ""), str(e.args[0])) from None
-        extra = sorted(set(body) - set(FAMILY_KEYS))
-        if extra:
-            raise _err(path, f"families.{fam}.{extra[0]}", f"unknown key; allowed: {', '.join(FAMILY_KEYS)}")
-        space = body.get("space") or {}
+            raise _err(path, f"families.{fam}" + (".family" if body.family else ""), str(e.args[0])) from None
+        space = dict(body.space)
         for key, entry in space.items():
             try:
                 _check_entry(path, fam, key, entry, family_cls, _context(space, family_cls, key))
@@ -428,43 +340,54 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
                 raise
             except ValueError as e:
                 raise _err(path, f"families.{fam}.space.{key}", str(e)) from None
-        settings = _settings(path, f"families.{fam}.search", body["search"]) if "search" in body else search
+        settings = body.search or search
         if settings.algorithm == "grid":
-            _check_grid(path, fam, space, bool(body.get("points_to_evaluate")))
-        repeats = body.get("repeats", 1)
-        num_samples = body.get("num_samples", 4 if repeats == 1 and settings.algorithm != "grid" else 1)
-        epochs = body.get("epochs", TrainHP.epochs)
-        for k, v in (("num_samples", num_samples), ("epochs", epochs), ("repeats", repeats)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise _err(path, f"families.{fam}.{k}", f"must be a positive integer, got {v!r}")
-        _check_repeats(path, fam, repeats, space)
-        points = _points(path, fam, body.get("points_to_evaluate"), space, family_cls)
+            _check_grid(path, fam, space, bool(body.points_to_evaluate))
+        num_samples = body.num_samples or (4 if body.repeats == 1 and settings.algorithm != "grid" else 1)
+        epochs = body.epochs or TrainHP.epochs
+        _check_repeats(path, fam, body.repeats, space)
+        points = _points(path, fam, body.points_to_evaluate, space, family_cls)
         if len(points) > num_samples:
             raise _err(path, f"families.{fam}.num_samples", f"{num_samples} trial(s) cannot start from "
                                                             f"{len(points)} points_to_evaluate")
         scope = family_cls(family_cls.Config(**_context(space, family_cls, ""))).scope()
-        own = _resources(path, f"families.{fam}.resources", body["resources"]) if "resources" in body else None
-        families[fam] = FamilySearch(family_name, dict(space), num_samples, epochs, scope, fam, repeats, points, settings,
-                                     own)
-
-    machine_types = raw.get("machine_types")
-    if machine_types is not None and not (isinstance(machine_types, list) and all(isinstance(m, str) for m in machine_types)):
-        raise _err(path, "machine_types", "must be a list of machine type names")
-    heldout = raw.get("heldout") or {}
-    if heldout:
+        families[fam] = FamilySearch(family_name, space, num_samples, epochs, scope, fam, body.repeats, points, settings,
+                                     body.resources)
+    if doc.heldout is not None:
         try:
-            make_config(HeldoutConfig, heldout, f"{path}: heldout")
+            doc.heldout.validate()
         except ValueError as e:
-            raise PresetError(str(e)) from None
-    first_shot = raw.get("first_shot", False)
-    if not isinstance(first_shot, bool):
-        raise _err(path, "first_shot", f"must be true or false, got {first_shot!r}")
-    max_failures = raw.get("max_failures", 2)
-    if not isinstance(max_failures, int) or max_failures < 0:
-        raise _err(path, "max_failures", f"must be an integer >= 0, got {max_failures!r}")
+            raise _err(path, "heldout", str(e)) from None
     return Preset(
-        name=str(raw.get("name", path.stem)), path=path, dataset=dataset, features=spec, rule=rule,
-        metric=metric, mode=METRICS[metric], seed=int(raw.get("seed", 0)), scheduler=scheduler,
-        resources=resources, max_failures=max_failures, families=families, machine_types=machine_types,
-        heldout=heldout, first_shot=first_shot, search=search,
-    )
+        name=doc.name or path.stem, path=path, dataset=doc.dataset, features=doc.features,
+        rule=doc.rule or doc.dataset.rule or "2020", metric=doc.metric, mode=METRICS[doc.metric], seed=doc.seed,
+        scheduler=doc.scheduler, resources=doc.resources, max_failures=doc.max_failures, families=families,
+        machine_types=doc.machine_types, heldout=doc.heldout, first_shot=doc.first_shot, search=search)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m raysd.presets --schema``: print the JSON Schema of a preset file; ``python -m raysd.presets
+    PRESET``: check one."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m raysd.presets", description=main.__doc__)
+    p.add_argument("preset", nargs="?", help="a preset name or YAML path to check")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema of a preset file")
+    args = p.parse_args(argv)
+    if args.schema:
+        print(json.dumps(schema(), indent=2))
+        return 0
+    if not args.preset:
+        p.error("name a preset to check, or pass --schema")
+    try:
+        preset = load_preset(args.preset)
+    except PresetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{preset.path}: ok ({len(preset.families)} family entries)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

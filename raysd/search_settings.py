@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-ALGORITHMS = ("tpe", "tpe_default", "random", "grid")
+from pydantic import Field, ValidationError
+
+from raysd.typed import FORBID, Bool, NonNegative, adapter, config_fields
+
+Algorithm = Literal["tpe", "tpe_default", "random", "grid"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 STOPPED_TRIALS = ("pruned", "complete")
 TPE_KEYS = ("n_startup_trials", "multivariate", "constant_liar", "stopped_trials")  # options of algorithm tpe only
-AUTO = "auto"
+AUTO: Literal["auto"] = "auto"
 
 
 class SettingError(ValueError):
@@ -49,13 +54,27 @@ class SettingError(ValueError):
 class SearchSettings:
     """A study's search; the defaults are what a preset without ``search:`` gets."""
 
-    algorithm: str = "tpe"
-    n_startup_trials: int | str = AUTO  # random trials before TPE models the results; 'auto': startup_trials()
-    multivariate: bool = True  # one joint Parzen model over every key, not one per key
-    constant_liar: bool = True  # running trials count as bad results, so concurrent suggestions spread out
-    stopped_trials: str = "pruned"  # how Optuna is told of a trial the scheduler stopped: 'pruned' or 'complete'
-    max_concurrent_per_study: int = 0  # a cap on one study's running trials (0: what the cluster share allows)
-    warm_start: int = 0  # enqueue up to N best configurations of finished sibling studies (0: off)
+    __pydantic_config__ = FORBID
+
+    algorithm: Annotated[Algorithm, Field(description="tpe (Optuna's TPE with the options below), tpe_default "
+                                                      "(TPESampler(seed) alone), random, or grid (every combination of "
+                                                      "the space's choices)")] = "tpe"
+    n_startup_trials: Annotated[NonNegative | Literal["auto"], Field(
+        description="tpe: random trials before TPE models the results; auto: a quarter of the study's trials, 2 to 10"
+    )] = AUTO
+    multivariate: Annotated[Bool, Field(description="tpe: one joint Parzen model over every key, not one per key")] = True
+    constant_liar: Annotated[Bool, Field(description="tpe: running trials count as bad results, so concurrent "
+                                                     "suggestions spread out")] = True
+    stopped_trials: Annotated[Literal["pruned", "complete"], Field(
+        description="tpe: how Optuna is told of a trial the scheduler stopped")] = "pruned"
+    max_concurrent_per_study: Annotated[NonNegative, Field(description="a cap on one study's running trials (0: what "
+                                                                       "the cluster share allows)")] = 0
+    warm_start: Annotated[NonNegative, Field(description="enqueue up to N best configurations of finished sibling "
+                                                         "studies (0: off)")] = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm != "tpe":  # Ray's own handling of stopped trials: what tpe_default shipped with
+            object.__setattr__(self, "stopped_trials", "complete")
 
     @property
     def optuna(self) -> bool:
@@ -82,47 +101,37 @@ def _text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _int(key: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise SettingError(key, f"must be an integer >= {low}, got {value!r}")
-    return value
+def prepared_settings(raw: Any) -> Any:
+    """A ``search:`` section before its typed check: an algorithm's name stands for ``{algorithm: NAME}``, and the
+    options of algorithm tpe are refused beside another algorithm (a ``ValueError`` naming the option)."""
+    if raw is None or isinstance(raw, SearchSettings):
+        return raw
+    if isinstance(raw, str):
+        return {"algorithm": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"must be an algorithm ({', '.join(ALGORITHMS)}) or a mapping of options")
+    algorithm = raw.get("algorithm", SearchSettings.algorithm)
+    given = [k for k in TPE_KEYS if k in raw]
+    if algorithm in ALGORITHMS and algorithm != "tpe" and given:
+        what = ("Optuna's TPESampler(seed) as shipped before, with its own defaults" if algorithm == "tpe_default"
+                else f"the {algorithm} search")
+        raise ValueError(f"{given[0]} is an option of algorithm tpe; {algorithm} is {what}: drop it, or use tpe")
+    if algorithm == "grid" and raw.get("warm_start"):
+        raise ValueError("warm_start: a grid trains every configuration anyway: drop warm_start or use tpe")
+    return raw
 
 
 def read_settings(raw: Any) -> SearchSettings:
     """A ``search:`` section (a mapping, or an algorithm's name) as checked settings; ``None`` gives the defaults."""
-    if raw is None:
-        return SearchSettings()
-    if isinstance(raw, str):
-        raw = {"algorithm": raw}
-    if not isinstance(raw, dict):
-        raise SettingError("", f"must be an algorithm ({', '.join(ALGORITHMS)}) or a mapping of options, got {raw!r}")
-    names = [f.name for f in dataclasses.fields(SearchSettings)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise SettingError(unknown[0], f"unknown option; allowed: {names}")
-    algorithm = raw.get("algorithm", SearchSettings.algorithm)
-    if algorithm not in ALGORITHMS:
-        raise SettingError("algorithm", f"must be one of {list(ALGORITHMS)}, got {algorithm!r}")
-    if algorithm != "tpe":
-        given = [k for k in TPE_KEYS if k in raw]
-        if given:
-            what = ("Optuna's TPESampler(seed) as shipped before, with its own defaults" if algorithm == "tpe_default"
-                    else f"the {algorithm} search")
-            raise SettingError(given[0], f"an option of algorithm tpe; {algorithm} is {what}: drop it, or use tpe")
-    if algorithm == "grid" and raw.get("warm_start"):
-        raise SettingError("warm_start", "a grid trains every configuration anyway: drop warm_start or use tpe")
-    startup = raw.get("n_startup_trials", AUTO)
-    if startup != AUTO:
-        startup = _int("n_startup_trials", startup, 0)
-    for key in ("multivariate", "constant_liar"):
-        if not isinstance(raw.get(key, True), bool):
-            raise SettingError(key, f"must be true or false, got {raw[key]!r}")
-    stopped = raw.get("stopped_trials", SearchSettings.stopped_trials)
-    if stopped not in STOPPED_TRIALS:
-        raise SettingError("stopped_trials", f"must be one of {list(STOPPED_TRIALS)}, got {stopped!r}")
-    values = {"algorithm": algorithm, "n_startup_trials": startup, "stopped_trials": stopped,
-              **{k: raw[k] for k in ("multivariate", "constant_liar") if k in raw},
-              **{k: _int(k, raw[k], 0) for k in ("max_concurrent_per_study", "warm_start") if k in raw}}
-    if algorithm != "tpe":
-        values["stopped_trials"] = "complete"  # Ray's own handling: what tpe_default shipped with
-    return SearchSettings(**values)
+    try:
+        prepared = prepared_settings(raw)
+        return SearchSettings() if prepared is None else adapter(SearchSettings).validate_python(prepared)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            raise SettingError(key, f"unknown option; allowed: {sorted(config_fields(SearchSettings))}") from None
+        raise SettingError(key, f"{err['msg']}, got {err.get('input')!r}") from None
+    except ValueError as e:
+        head = str(e).split(" ", 1)[0].rstrip(":")
+        raise SettingError(head if head in config_fields(SearchSettings) else "", str(e)) from None

@@ -314,3 +314,27 @@ def test_learns_on_tiny(name, tiny_studies):
         aucs[mt] = auc(labels, scores[keep])
     mean = float(np.mean(list(aucs.values())))
     assert mean > setup.bar, f"{name}: AUC {aucs} (mean {mean:.3f}) is not above its bar {setup.bar}"
+
+
+def test_an_installed_packages_family_is_found_through_its_entry_point(tmp_path, monkeypatch):
+    """A package declares ``[project.entry-points."raysd.families"] outside = "outside_family"``: its family is found
+    with no environment variable."""
+    from importlib.metadata import EntryPoint
+
+    from raysd.families import base
+    from raysd.families.base import ENTRY_POINT_GROUP, FAMILY_MODULES_ENV, get_family
+
+    (tmp_path / "outside_family.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(FAMILY_MODULES_ENV, raising=False)
+    monkeypatch.delitem(REGISTRY, "outside_ae", raising=False)
+    declared = [EntryPoint("outside", "outside_family", ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(base, "entry_points", lambda group: declared if group == ENTRY_POINT_GROUP else [])
+    try:
+        assert get_family("outside_ae").__module__ == "outside_family"
+    finally:
+        REGISTRY.pop("outside_ae", None)
+        sys.modules.pop("outside_family", None)
+    declared[:] = [EntryPoint("gone", "no_such_plugin_module", ENTRY_POINT_GROUP)]
+    with pytest.raises(ImportError, match="entry point 'gone' of group 'raysd.families'.*'no_such_plugin_module'"):
+        get_family("outside_ae")

@@ -99,8 +99,8 @@ def test_repeats_are_a_grid_of_seeds_from_the_fixed_seed(tmp_path: Path) -> None
 @pytest.mark.parametrize("entry, words", [
     ({"space": SPACE, "repeats": 3}, "fixed space"),
     ({"space": {"lr": 1e-3, "seed": {"choice": [0, 1]}}, "repeats": 2}, "`seed` cannot be searched"),
-    ({"space": {"lr": 1e-3}, "repeats": 0}, "positive integer"),
-    ({"space": {"lr": 1e-3}, "repeats": True}, "positive integer"),
+    ({"space": {"lr": 1e-3}, "repeats": 0}, "greater than or equal to 1"),
+    ({"space": {"lr": 1e-3}, "repeats": True}, "not true or false"),
 ])
 def test_repeats_need_a_fixed_space(tmp_path: Path, entry: dict, words: str) -> None:
     path = _write(tmp_path, entry)
@@ -236,3 +236,24 @@ def test_an_entry_may_hold_its_own_resources(tmp_path: Path, capsys) -> None:
     path.write_text(yaml.safe_dump(body))
     with pytest.raises(PresetError, match="families.dense_ae.resources.gpus_per_worker"):
         load_preset(path)
+
+
+def test_the_committed_schema_is_the_presets_schema_and_every_preset_follows_it() -> None:
+    """``search_spaces/preset.schema.json`` (what editors read) is ``python -m raysd.presets --schema``; every shipped
+    preset validates against it and names it."""
+    import json
+
+    import jsonschema
+
+    from raysd.preset_schema import schema
+    from raysd.presets import SEARCH_SPACES
+
+    committed = json.loads((SEARCH_SPACES / "preset.schema.json").read_text())
+    assert committed == json.loads(json.dumps(schema())), "regenerate: python -m raysd.presets --schema > " \
+                                                          "search_spaces/preset.schema.json"
+    for path in sorted(SEARCH_SPACES.glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("# yaml-language-server: $schema=preset.schema.json"), path
+        jsonschema.validate(yaml.safe_load(text), committed)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"families": {"dense_ae": {"epochs": 0}}}, committed)

@@ -106,7 +106,7 @@ def test_resource_overrides_reach_every_study(tiny_root: Path, tmp_path: Path, c
     plan = planning.make_plan(load_preset("dcase20"), search.parse_args(args + ["--gpus-per-worker", "0"]))
     assert {(j.use_gpu, j.gpus_per_worker, j.cpus_per_worker) for j in plan.studies} == {(False, 0.0, 4.0), (False, 0.0, 2.0)}
     assert search.main(args + ["--workers", "2", "--gpus-per-worker", "0.5"]) == 2
-    assert "fractional --gpus-per-worker" in capsys.readouterr().err
+    assert "--gpus-per-worker: fractional GPUs are only allowed for single-worker trials" in capsys.readouterr().err
 
 
 def test_dry_run_prints_studies_and_totals(tiny_root: Path, tmp_path: Path, capsys) -> None:

@@ -30,13 +30,15 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import Annotated, ClassVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from raysd.data import audio
+from raysd.typed import FORBID, Bool, Float, Int
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +51,30 @@ CROP_VARIANTS: dict[str, tuple[int, tuple[int, int] | None]] = {
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    sample_rate: int = 16000
-    n_fft: int = 1024
-    hop_length: int = 512
-    win_length: int | None = None
-    window: str = "hann"
-    n_mels: int = 128
-    power: float = 2.0
-    f_min: float = 0.0
-    f_max: float | None = None
-    mel_range: tuple[int, int] | None = None  # [lo, hi) mel bins kept after the transform
-    clip_seconds: float = 10.0  # every clip is right-padded / truncated to this length
-    eps: float = 1e-10  # log floor: 10*log10(power + eps); the DCASE baseline uses sys.float_info.epsilon
-    center: bool = True
-    pad_mode: str = "constant"  # librosa >= 0.10 centres with zeros, as the DCASE baseline does
-    mel_scale: str = "slaney"  # librosa's default filterbank (the DCASE baseline's)
-    mel_norm: str | None = "slaney"
+    """The log-mel every family reads: a preset's ``features:`` section (its cache key covers every field)."""
+
+    __pydantic_config__ = FORBID
+
+    sample_rate: Annotated[Int, Field(description="clips are resampled to this rate (Hz)")] = 16000
+    n_fft: Annotated[Int, Field(description="FFT size")] = 1024
+    hop_length: Annotated[Int, Field(description="samples between frames")] = 512
+    win_length: Annotated[Int | None, Field(description="window length (null: n_fft)")] = None
+    window: Annotated[str, Field(description="window function: hann or hamming")] = "hann"
+    n_mels: Annotated[Int, Field(description="mel bands")] = 128
+    power: Annotated[Float, Field(description="exponent of the magnitude (2: power)")] = 2.0
+    f_min: Annotated[Float, Field(description="lowest frequency of the mel filterbank (Hz)")] = 0.0
+    f_max: Annotated[Float | None, Field(description="highest frequency of the mel filterbank (null: Nyquist)")] = None
+    mel_range: Annotated[tuple[Int, Int] | None, Field(description="[lo, hi) mel bands kept after the transform "
+                                                                   "(a crop variant sets it)")] = None
+    clip_seconds: Annotated[Float, Field(description="every clip is right-padded or truncated to this length "
+                                                     "(s)")] = 10.0
+    eps: Annotated[Float, Field(description="log floor: 10 log10(power + eps)")] = 1e-10
+    center: Annotated[Bool, Field(description="centre the frames (pad half a window at both ends)")] = True
+    pad_mode: Annotated[str, Field(description="how centring pads: constant (zeros, as librosa >= 0.10 and the DCASE "
+                                               "baseline) or reflect")] = "constant"
+    mel_scale: Annotated[str, Field(description="mel scale: slaney (librosa's default, the DCASE baseline's) or "
+                                                "htk")] = "slaney"
+    mel_norm: Annotated[str | None, Field(description="filterbank normalisation: slaney or null")] = "slaney"
 
     def __post_init__(self) -> None:
         if self.mel_range is not None:

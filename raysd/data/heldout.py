@@ -17,21 +17,33 @@ appears both as training and as test clips.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
+
+from raysd.typed import FORBID, Float, Int
 
 
 @dataclass
 class HeldoutConfig:
-    mode: Literal["recordings", "time", "clips"] = "time"
-    fraction: float = 0.2
-    block_clips: int = 30  # clips per time block (mode 'time')
-    gap_clips: int = 2  # clips left out on both sides of a held-out block
-    seed: int = 0
-    examine: str | None = None  # recording (catalog 'recording' value, or its file name) to score
-    training: Literal["others", "self"] = "others"
+    """A preset's ``heldout:`` section."""
+
+    __pydantic_config__ = FORBID
+
+    mode: Annotated[Literal["recordings", "time", "clips"], Field(
+        description="hold out whole recordings, blocks of consecutive clips inside each recording (time), or a "
+                    "fraction of each section's training clips of a DCASE layout (clips)")] = "time"
+    fraction: Annotated[Float, Field(description="the share held out")] = 0.2
+    block_clips: Annotated[Int, Field(description="clips per held-out block (mode time)")] = 30
+    gap_clips: Annotated[Int, Field(description="clips left out on both sides of a held-out block (mode time)")] = 2
+    seed: Annotated[Int, Field(description="seed of the choice of held-out clips")] = 0
+    examine: Annotated[str | None, Field(description="the recording (its catalog name or file name) whose "
+                                                     "strangest moments are reported: its clips become the test "
+                                                     "clips")] = None
+    training: Annotated[Literal["others", "self"], Field(
+        description="with examine: train on every other recording (others) or on the examined one (self)")] = "others"
 
     def validate(self) -> None:
         if self.mode not in ("recordings", "time", "clips"):

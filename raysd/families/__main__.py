@@ -13,6 +13,7 @@ from typing import Any
 from raysd.families import REGISTRY, get_family
 from raysd.families.base import import_family_modules
 from raysd.families.hparams import TrainHP
+from raysd.typed import field_description
 
 
 def type_name(tp: Any) -> str:
@@ -39,7 +40,8 @@ def describe_config(config_cls: type) -> list[dict[str, Any]]:
             default = None
         if isinstance(default, tuple):
             default = list(default)
-        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default})
+        rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+                     "description": field_description(config_cls, f.name)})
     return rows
 
 
@@ -67,7 +69,9 @@ def format_rows(rows: list[dict[str, Any]], indent: str = "    ") -> list[str]:
         return [indent + "(none)"]
     w_name = max(len(r["name"]) for r in rows)
     w_type = max(len(r["type"]) for r in rows)
-    return [f"{indent}{r['name']:<{w_name}}  {r['type']:<{w_type}}  = {json.dumps(r['default'])}" for r in rows]
+    w_default = max(len(json.dumps(r["default"])) for r in rows)
+    return [f"{indent}{r['name']:<{w_name}}  {r['type']:<{w_type}}  = {json.dumps(r['default']):<{w_default}}  "
+            f"{r['description']}".rstrip() for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,11 @@ first enqueued trial. Where raysd differs from the published code:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from raysd.data.features import SpectrumSpec
@@ -56,7 +57,7 @@ from raysd.families.base import Family, register
 from raysd.families.blocks import dense_stack, resnet_stages
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.heads import make_head
-from raysd.families.hparams import AuxTaskConfig, Labelling, Scope
+from raysd.families.hparams import FORBID, AuxTaskConfig, Float, Int, Labelling, Scope
 from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 Branches = Literal["both", "spectrum", "spectrogram"]
@@ -65,20 +66,27 @@ Extra = tuple[torch.Tensor, ...]
 
 @dataclass
 class AdacosKnnConfig(AuxTaskConfig):
-    scope: Scope = "dataset"
-    labels: Labelling = "attribute"
-    branches: Branches = "both"
-    emb_size: int = 128  # per branch: the embedding is twice as wide with both
-    head: Literal["adacos", "adaproj"] = "adacos"
-    sub_clusters: int = 16  # adacos: centres per class; adaproj: dimension of each class's subspace
-    mixup_prob: float = 1.0  # share of each batch replaced by a mixture with another clip
-    spectrum_f_min: float = 0.0
-    spectrum_f_max: float | None = None  # None: up to the Nyquist frequency
-    conv_channels: int = 128  # spectrum branch
-    dense_layers: int = 4  # spectrum branch, 128 wide each
-    channels: tuple[int, ...] = (16, 32, 64, 128)  # spectrogram branch: one residual stage each
-    blocks: int = 2  # residual blocks per stage
-    precise_bn: int = 4096  # training clips to recompute BatchNorm statistics with after training; 0 = off
+    __pydantic_config__ = FORBID
+
+    scope: Annotated[Scope, Field(description="one model per machine type (machine_type) or one for the data set "
+                                              "(dataset); fixed in a preset")] = "dataset"
+    labels: Annotated[Labelling, Field(description="the classes it learns: section, type_section or attribute (see "
+                                                   "AuxTaskConfig)")] = "attribute"
+    branches: Annotated[Branches, Field(description="input branches: the full-clip spectrum, the spectrogram, or both")] = "both"
+    emb_size: Annotated[Int, Field(description="embedding size per branch (twice as wide with both)")] = 128
+    head: Annotated[Literal["adacos", "adaproj"], Field(description="sub-cluster AdaCos or AdaProj")] = "adacos"
+    sub_clusters: Annotated[Int, Field(description="adacos: centres per class; adaproj: dimension of each class's "
+                                                   "subspace")] = 16
+    mixup_prob: Annotated[Float, Field(description="share of each batch replaced by a mixture with another clip")] = 1.0
+    spectrum_f_min: Annotated[Float, Field(description="lowest frequency (Hz) of the spectrum branch's input")] = 0.0
+    spectrum_f_max: Annotated[Float | None, Field(description="highest frequency (Hz) of the spectrum branch's input "
+                                                              "(null: the Nyquist frequency)")] = None
+    conv_channels: Annotated[Int, Field(description="channels of the spectrum branch's convolutions")] = 128
+    dense_layers: Annotated[Int, Field(description="dense layers of the spectrum branch")] = 4
+    channels: Annotated[tuple[Int, ...], Field(description="channels of the spectrogram branch's residual stages")] = (16, 32, 64, 128)
+    blocks: Annotated[Int, Field(description="residual blocks per stage")] = 2
+    precise_bn: Annotated[Int, Field(description="training clips to recompute BatchNorm statistics with after training "
+                                                 "(0: off)")] = 4096
 
     def validate(self) -> None:
         super().validate()

@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import os
 import sys
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -122,22 +123,27 @@ def register(cls: type[Family]) -> type[Family]:
 
 
 FAMILY_MODULES_ENV = "RAYSD_FAMILY_MODULES"
+ENTRY_POINT_GROUP = "raysd.families"  # an installed package's families: [project.entry-points."raysd.families"]
 
 
 def import_family_modules() -> list[str]:
-    """Import the modules named in ``$RAYSD_FAMILY_MODULES`` (comma-separated), which register families kept
-    outside raysd (one file with an ``@register``ed class, importable on every node). Returns their names."""
-    names = [m.strip() for m in os.environ.get(FAMILY_MODULES_ENV, "").split(",") if m.strip()]
-    for module in names:
+    """Import the modules that register families kept outside raysd (one file with an ``@register``ed class): those
+    an installed package declares in the entry-point group ``raysd.families`` (``name = "package.module"``, Python's
+    plugin mechanism), then those named in ``$RAYSD_FAMILY_MODULES`` (comma-separated, importable on every node).
+    Returns the modules' names."""
+    plugins = [(ep.value.split(":", 1)[0], f"the entry point {ep.name!r} of group {ENTRY_POINT_GROUP!r}")
+               for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    env = [(m.strip(), f"${FAMILY_MODULES_ENV}") for m in os.environ.get(FAMILY_MODULES_ENV, "").split(",") if m.strip()]
+    for module, source in plugins + env:
         if module not in sys.modules:
             try:
                 importlib.import_module(module)
             except ImportError as e:
                 fix = ("put it on PYTHONPATH (on every node of a cluster)" if e.name == module.split(".")[0] or
                        e.name == module else "install what it imports")
-                raise ImportError(f"${FAMILY_MODULES_ENV} names the module {module!r}, which cannot be imported "
-                                  f"here ({e}); {fix}") from e
-    return names
+                raise ImportError(f"{source} names the module {module!r}, which cannot be imported here ({e}); "
+                                  f"{fix}") from e
+    return [m for m, _ in plugins + env]
 
 
 def get_family(name: str) -> type[Family]:
@@ -148,7 +154,7 @@ def get_family(name: str) -> type[Family]:
     try:
         return REGISTRY[name]
     except KeyError:
-        extra = f" (after importing ${FAMILY_MODULES_ENV})" if os.environ.get(FAMILY_MODULES_ENV) else ""
+        extra = f" (after importing ${FAMILY_MODULES_ENV} and the {ENTRY_POINT_GROUP!r} entry points)"
         raise KeyError(f"unknown model family {name!r}; registered{extra}: {', '.join(sorted(REGISTRY))}") from None
 
 

@@ -15,24 +15,30 @@ of the bottleneck embedding to the training embeddings, whose mean and precision
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import GaussianStats, Standardize, StandardizedInput
 from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import FORBID, Int
 
 CHANNELS = (16, 32, 64, 128)
 
 
 @dataclass
 class ConvAEConfig:
-    frames: int = 44
-    hop: int = 22
-    bottleneck: int = 10
-    score: Literal["recon", "mahalanobis"] = "recon"
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="frames per input image (patch width)")] = 44
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive images")] = 22
+    bottleneck: Annotated[Int, Field(description="width of the dense code layer")] = 10
+    score: Annotated[Literal["recon", "mahalanobis"], Field(description="anomaly score: reconstruction error (recon) or"
+                                                                        " the Mahalanobis distance of the code "
+                                                                        "(mahalanobis)")] = "recon"
 
     def validate(self) -> None:
         if self.frames < 1 or self.hop < 1 or self.bottleneck < 1:

@@ -8,24 +8,30 @@ reconstruction error over all of its vectors (hop 1, as the baseline uses every 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Annotated, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 from raysd.families.clips import Batch, DataInfo
+from raysd.families.hparams import FORBID, Bool, Int
 
 
 @dataclass
 class DenseAEConfig:
-    frames: int = 5
-    hop: int = 1
-    hidden: int = 128
-    depth: int = 4  # hidden layers on each side of the bottleneck
-    bottleneck: int = 8
-    standardize: bool = True  # the baseline trains on raw dB; standardising only rescales the input
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="log-mel frames concatenated into one input vector (5 in the DCASE "
+                                             "baseline)")] = 5
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive vectors")] = 1
+    hidden: Annotated[Int, Field(description="width of each hidden layer")] = 128
+    depth: Annotated[Int, Field(description="hidden layers on each side of the bottleneck")] = 4
+    bottleneck: Annotated[Int, Field(description="width of the code layer")] = 8
+    standardize: Annotated[Bool, Field(description="standardise the input with the training clips' statistics (the "
+                                                   "baseline trains on raw dB)")] = True
 
     def validate(self) -> None:
         for k in ("frames", "hop", "hidden", "depth", "bottleneck"):

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import Annotated, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, no_autocast
 from raysd.families.clips import Batch, DataInfo
+from raysd.families.hparams import FORBID, Float, Int
 
 
 @dataclass
 class GroupMADEConfig:
-    frames: int = 5  # one autoregressive group per frame
-    hop: int = 1
-    hidden: tuple[int, ...] = (512, 512)
-    min_logvar: float = -7.0
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="frames per input vector: one autoregressive group per frame (at least 2)")] = 5
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive vectors")] = 1
+    hidden: Annotated[tuple[Int, ...], Field(description="widths of the masked hidden layers")] = (512, 512)
+    min_logvar: Annotated[Float, Field(description="floor of each group's predicted log-variance")] = -7.0
 
     def validate(self) -> None:
         if self.frames < 2:

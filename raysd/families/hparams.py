@@ -1,90 +1,20 @@
-"""Hyperparameter dataclasses: the training hyperparameters every family shares (:class:`TrainHP`) and the
-typed construction of any config dataclass from YAML / Tune values (:func:`make_config`), whose errors name
-the file and the key."""
+"""Hyperparameter dataclasses: the training hyperparameters every family shares (:class:`TrainHP`) and the options
+of families that learn from auxiliary labels (:class:`AuxTaskConfig`), typed configs of :mod:`raysd.typed` (a
+family's ``Config`` is one too). Their descriptions feed ``python -m raysd.families``, the presets' JSON Schema and
+the docs."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
 
+from pydantic import Field
 
-def config_fields(config_cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(config_cls)}
+from raysd.typed import FORBID, Bool, Float, Int, config_fields, make_config
 
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ValueError(f"{where}: key {key!r} must be one of {list(allowed)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, where)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise ValueError(f"{where}: key {key!r} has invalid value {value!r} ({'; '.join(errors)})")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: key {key!r} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, key, where) for v in value) if origin is tuple else [
-            _coerce(v, inner, key, where) for v in value]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"{where}: key {key!r} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 and 1.0e12 as strings
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: key {key!r} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def make_config(config_cls: type, values: dict[str, Any], where: str = "config") -> Any:
-    """Build a hyperparameter dataclass from a plain dict, naming the offending key on error."""
-    hints = typing.get_type_hints(config_cls)
-    fields = config_fields(config_cls)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], k, where) for k, v in values.items()}
-    cfg = config_cls(**kwargs)
-    check = getattr(cfg, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    return cfg
-
+__all__ = ["FORBID", "AuxTaskConfig", "Bool", "Float", "Int", "Labelling", "Scope", "TrainHP", "config_fields",
+           "make_config"]
 
 Scope = typing.Literal["machine_type", "dataset"]
 Labelling = typing.Literal["section", "type_section", "attribute"]
@@ -92,18 +22,20 @@ Labelling = typing.Literal["section", "type_section", "attribute"]
 
 @dataclass
 class AuxTaskConfig:
-    """Options of a family that learns an embedding by classifying auxiliary labels and can score by kNN.
+    """Options of a family that learns an embedding by classifying auxiliary labels and can score by kNN
+    (:class:`raysd.families.knn.KnnScorer`)."""
 
-    ``scope``: one model per machine type, or one for the whole data set (fixed in a preset, never searched);
-    ``labels``: the classes (``section``; ``type_section``: machine type x section; ``attribute``: machine type x
-    section x attribute string, the section where a clip has no attributes); ``knn_k`` / ``knn_means``: the kNN
-    score's neighbours and k-means centres of the source domain (see :class:`raysd.families.knn.KnnScorer`).
-    """
+    __pydantic_config__ = FORBID
 
-    scope: Scope = "machine_type"
-    labels: Labelling = "section"
-    knn_k: int = 1
-    knn_means: int = 16
+    scope: Annotated[Scope, Field(description="one model per machine type (machine_type), or one for every machine "
+                                              "type of the data set (dataset); fixed in a preset, never searched")] = \
+        "machine_type"
+    labels: Annotated[Labelling, Field(description="the classes it learns: section; type_section (machine type x "
+                                                   "section); attribute (machine type x section x attribute string, "
+                                                   "the section where a clip has none)")] = "section"
+    knn_k: Annotated[Int, Field(description="kNN score: nearest training embeddings averaged")] = 1
+    knn_means: Annotated[Int, Field(description="kNN score: k-means centres the source domain's embeddings are "
+                                                "reduced to (0: every clip)")] = 16
 
     def validate(self) -> None:
         if self.scope == "dataset" and self.labels == "section":
@@ -117,17 +49,24 @@ class AuxTaskConfig:
 class TrainHP:
     """Hyperparameters shared by every family (searched alongside the family's own)."""
 
-    lr: float = 1e-3
-    batch_size: int = 256
-    weight_decay: float = 0.0
-    epochs: int = 10
-    crop: str = "default"
-    optimizer: typing.Literal["adam", "adamw", "sgd"] = "adam"
-    amp: typing.Literal["auto", "off", "bf16"] = "auto"
-    grad_clip: float = 0.0
-    seed: int = 0
-    prune_every: int = 0  # every n epochs drop the worst-scoring training clips (0 = never)
-    prune_fraction: float = 0.0  # fraction p of the remaining training clips dropped each time
+    __pydantic_config__ = FORBID
+
+    lr: Annotated[Float, Field(description="learning rate")] = 1e-3
+    batch_size: Annotated[Int, Field(description="windows per training batch (per worker)")] = 256
+    weight_decay: Annotated[Float, Field(description="the optimiser's weight decay")] = 0.0
+    epochs: Annotated[Int, Field(description="training epochs (a preset entry's epochs)")] = 10
+    crop: Annotated[str, Field(description="log-mel crop variant: default, none, crop or tight (Rajani, 2022)")] = \
+        "default"
+    optimizer: Annotated[typing.Literal["adam", "adamw", "sgd"], Field(description="the optimiser (sgd: momentum "
+                                                                                    "0.9)")] = "adam"
+    amp: Annotated[typing.Literal["auto", "off", "bf16"],
+                   Field(description="mixed precision: auto (bf16 on a CUDA device that has it), off, or bf16")] = "auto"
+    grad_clip: Annotated[Float, Field(description="clip the gradient norm to this (0: no clipping)")] = 0.0
+    seed: Annotated[Int, Field(description="seed of the model's initialisation and the batch order")] = 0
+    prune_every: Annotated[Int, Field(description="anomaly pruning: every n epochs drop the worst-scoring training "
+                                                  "clips (0: never)")] = 0
+    prune_fraction: Annotated[Float, Field(description="anomaly pruning: the fraction of the remaining training "
+                                                       "clips dropped each time")] = 0.0
 
     def validate(self) -> None:
         if self.prune_every < 0:

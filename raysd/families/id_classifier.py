@@ -34,10 +34,11 @@ sub-range, so the warp is still a monotone map of the axis fixing its top, only 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from raysd.families.augment import (
@@ -51,7 +52,7 @@ from raysd.families.augment import (
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
 from raysd.families.heads import HeadKind, make_head
-from raysd.families.hparams import AuxTaskConfig
+from raysd.families.hparams import FORBID, AuxTaskConfig, Bool, Float, Int
 from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 
@@ -81,24 +82,32 @@ def torchvision_backbone(name: str, width_mult: float = 0.5, dropout: float = 0.
 
 @dataclass
 class IdClassifierConfig(AuxTaskConfig):
-    backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = "mobilenet_v2"
-    width_mult: float = 0.5  # MobileNetV2 only
-    dropout: float = 0.2
-    input_norm: bool = True
-    head: HeadKind = "softmax"
-    arc_margin: float = 0.5
-    arc_scale: float = 30.0
-    sub_clusters: int = 16  # adacos: centres per class; adaproj: dimension of each class's subspace
-    mixup: Literal["none", "pre_log", "post_log"] = "none"
-    mixup_fraction: float = 0.5  # share of each batch replaced by mixtures
-    mixup_lambda: Literal["uniform", "beta"] = "uniform"
-    mixup_beta: float = 1.0  # Beta(mixup_beta, mixup_beta) when mixup_lambda = 'beta'
-    warp: bool = False
-    warp_alphas: tuple[float, ...] = (0.95, 1.05)
-    patch_frames: int = 64
-    patch_hop: int = 8
-    precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
-    score: Literal["class", "knn"] = "class"
+    __pydantic_config__ = FORBID
+
+    backbone: Annotated[Literal["mobilenet_v2", "resnet18", "resnet50"], Field(description="the torchvision network")] = "mobilenet_v2"
+    width_mult: Annotated[Float, Field(description="MobileNetV2 width multiplier")] = 0.5
+    dropout: Annotated[Float, Field(description="dropout before the classification head")] = 0.2
+    input_norm: Annotated[Bool, Field(description="normalise the input with the training clips' statistics")] = True
+    head: Annotated[HeadKind, Field(description="classification head: softmax, arcface, adacos or adaproj")] = "softmax"
+    arc_margin: Annotated[Float, Field(description="ArcFace's additive angular margin")] = 0.5
+    arc_scale: Annotated[Float, Field(description="ArcFace's scale")] = 30.0
+    sub_clusters: Annotated[Int, Field(description="adacos: centres per class; adaproj: dimension of each class's "
+                                                   "subspace")] = 16
+    mixup: Annotated[Literal["none", "pre_log", "post_log"], Field(description="mixup of the log-mel before (pre_log) "
+                                                                               "or after (post_log) the logarithm, or "
+                                                                               "none")] = "none"
+    mixup_fraction: Annotated[Float, Field(description="share of each batch replaced by mixtures")] = 0.5
+    mixup_lambda: Annotated[Literal["uniform", "beta"], Field(description="distribution of the mixing weight: uniform, "
+                                                                          "or Beta(mixup_beta, mixup_beta)")] = "uniform"
+    mixup_beta: Annotated[Float, Field(description="parameter of the Beta distribution when mixup_lambda is beta")] = 1.0
+    warp: Annotated[Bool, Field(description="spectral warping: each warp of a class is a class of its own (Giri et al.)")] = False
+    warp_alphas: Annotated[tuple[Float, ...], Field(description="warp exponents beside the identity")] = (0.95, 1.05)
+    patch_frames: Annotated[Int, Field(description="frames per input image")] = 64
+    patch_hop: Annotated[Int, Field(description="frames between the starts of consecutive images")] = 8
+    precise_bn: Annotated[Int, Field(description="training windows to recompute BatchNorm statistics with after "
+                                                 "training (0: off)")] = 16384
+    score: Annotated[Literal["class", "knn"], Field(description="anomaly score: the class's negative log-probability "
+                                                                "(class) or kNN in the embedding (knn)")] = "class"
 
     def validate(self) -> None:
         super().validate()

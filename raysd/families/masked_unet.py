@@ -22,27 +22,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, UNet
 from raysd.families.clips import Batch, DataInfo
+from raysd.families.hparams import FORBID, Float, Int
 
 
 @dataclass
 class MaskedUNetConfig:
-    frames: int = 64
-    hop: int = 32
-    width: int = 64  # U-Net base channels (64 in the reference)
-    patch: int = 8  # patch side in pixels
-    mask_ratio: float = 0.75  # 48 / 64 in the reference
-    loss_on: Literal["masked", "whole"] = "masked"
-    k_masks: int = 16  # masks per window when scoring (256 in the reference)
-    score_batch: int = 0  # images per forward pass when scoring; 0 = auto (16 on CPU, 256 on CUDA)
-    score_seed: int = 0
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="frames per input image (64 in the reference)")] = 64
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive images")] = 32
+    width: Annotated[Int, Field(description="U-Net base channels (64 in the reference)")] = 64
+    patch: Annotated[Int, Field(description="side of a square patch, in pixels (8 in the reference)")] = 8
+    mask_ratio: Annotated[Float, Field(description="share of the patches masked (48 of 64 in the reference)")] = 0.75
+    loss_on: Annotated[Literal["masked", "whole"], Field(description="reconstruction loss on the masked patches only, "
+                                                                     "or on the whole image")] = "masked"
+    k_masks: Annotated[Int, Field(description="random masks averaged per window when scoring (256 in the reference)")] = 16
+    score_batch: Annotated[Int, Field(description="images per forward pass when scoring (0: 16 on CPU, 256 on CUDA)")] = 0
+    score_seed: Annotated[Int, Field(description="seed of the scoring masks")] = 0
 
     def validate(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:

@@ -20,14 +20,16 @@ distance of the latent to its centre, averaged over the clip's windows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput
 from raysd.families.clips import Batch, ClipSet, DataInfo
+from raysd.families.hparams import FORBID, Bool, Float, Int
 
 CHANNELS = (32, 64, 128, 256)
 DROPOUT = (0.0, 0.2, 0.3, 0.3)
@@ -35,14 +37,19 @@ DROPOUT = (0.0, 0.2, 0.3, 0.3)
 
 @dataclass
 class SVDDAEConfig:
-    frames: int = 64
-    hop: int = 32
-    latent_channels: int = 40
-    weight_penalty: float = 0.002
-    recon_weight: float = 0.0  # > 0 builds the mirrored decoder and adds its reconstruction MSE
-    skips: bool = False
-    centre_eps: float = 0.1
-    centres: Literal["global", "per_class"] = "global"  # per_class: one centre per machine ID / section
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="frames per input image")] = 64
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive images")] = 32
+    latent_channels: Annotated[Int, Field(description="channels of the encoder's output (the SVDD space)")] = 40
+    weight_penalty: Annotated[Float, Field(description="weight decay of the SVDD objective")] = 0.002
+    recon_weight: Annotated[Float, Field(description="weight of a mirrored decoder's reconstruction error (0: no "
+                                                     "decoder)")] = 0.0
+    skips: Annotated[Bool, Field(description="skip connections from encoder to decoder (with recon_weight > 0)")] = False
+    centre_eps: Annotated[Float, Field(description="smallest absolute value of a centre coordinate (Deep SVDD's trick "
+                                                   "against a trivial centre)")] = 0.1
+    centres: Annotated[Literal["global", "per_class"], Field(description="one centre for every clip (global) or one per"
+                                                                         " machine ID / section (per_class)")] = "global"
 
     def validate(self) -> None:
         for k in ("frames", "hop", "latent_channels"):

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from raysd.families.augment import recalibrate_batchnorm
 from raysd.families.base import Family, register
 from raysd.families.clips import Batch, ClipSet, DataInfo
-from raysd.families.hparams import AuxTaskConfig
+from raysd.families.hparams import FORBID, AuxTaskConfig, Bool, Float, Int
 from raysd.families.knn import KnnScorer, clip_embeddings, clip_keys, fit_scorer
 
 
@@ -98,18 +99,23 @@ def mine_triplets(y: torch.Tensor, clip: torch.Tensor | None = None,
 
 @dataclass
 class TripletConfig(AuxTaskConfig):
-    emb_dim: int = 16
-    channels: tuple[int, ...] = (32, 64, 128)
-    dropout: float = 0.2
-    margin: float = 1.0
-    mining: Literal["random", "hard"] = "hard"  # batch-hard: farthest positive, nearest negative
-    normalize: bool = False  # L2-normalise embeddings
-    n_refs: int = 5  # K reference clips per ID
-    ref_seed: int = 0
-    patch_frames: int = 64
-    patch_hop: int = 32
-    precise_bn: int = 16384  # training windows to recompute BatchNorm statistics with after training; 0 = off
-    score: Literal["refs", "knn"] = "refs"
+    __pydantic_config__ = FORBID
+
+    emb_dim: Annotated[Int, Field(description="embedding dimension")] = 16
+    channels: Annotated[tuple[Int, ...], Field(description="channels of the CNN's stages")] = (32, 64, 128)
+    dropout: Annotated[Float, Field(description="dropout before the embedding layer")] = 0.2
+    margin: Annotated[Float, Field(description="triplet loss margin")] = 1.0
+    mining: Annotated[Literal["random", "hard"], Field(description="triplets: random, or batch-hard (farthest positive,"
+                                                                   " nearest negative)")] = "hard"
+    normalize: Annotated[Bool, Field(description="L2-normalise the embeddings")] = False
+    n_refs: Annotated[Int, Field(description="reference clips per ID that a clip is compared with (score refs)")] = 5
+    ref_seed: Annotated[Int, Field(description="seed of the choice of reference clips")] = 0
+    patch_frames: Annotated[Int, Field(description="frames per input image")] = 64
+    patch_hop: Annotated[Int, Field(description="frames between the starts of consecutive images")] = 32
+    precise_bn: Annotated[Int, Field(description="training windows to recompute BatchNorm statistics with after "
+                                                 "training (0: off)")] = 16384
+    score: Annotated[Literal["refs", "knn"], Field(description="anomaly score: distance to the reference clips (refs) "
+                                                               "or kNN in the embedding (knn)")] = "refs"
 
     def validate(self) -> None:
         super().validate()

@@ -10,24 +10,29 @@ posterior mean, or ``elbo``, the loss above evaluated at the posterior mean (det
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raysd.families.base import Family, register
 from raysd.families.blocks import Standardize, StandardizedInput, dense_stack
 from raysd.families.clips import Batch, DataInfo
+from raysd.families.hparams import FORBID, Float, Int
 
 
 @dataclass
 class VAEConfig:
-    frames: int = 5
-    hop: int = 1
-    hidden: int = 400
-    latent: int = 20
-    beta: float = 1.0
-    score: Literal["recon", "elbo"] = "recon"
+    __pydantic_config__ = FORBID
+
+    frames: Annotated[Int, Field(description="log-mel frames concatenated into one input vector")] = 5
+    hop: Annotated[Int, Field(description="frames between the starts of consecutive vectors")] = 1
+    hidden: Annotated[Int, Field(description="width of the encoder's and decoder's hidden layer")] = 400
+    latent: Annotated[Int, Field(description="dimension of the latent Gaussian")] = 20
+    beta: Annotated[Float, Field(description="weight of the KL term in the training loss (beta-VAE)")] = 1.0
+    score: Annotated[Literal["recon", "elbo"], Field(description="anomaly score: reconstruction error (recon) or the "
+                                                                 "negative ELBO (elbo)")] = "recon"
 
     def validate(self) -> None:
         for k in ("frames", "hop", "hidden", "latent"):
