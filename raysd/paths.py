@@ -7,6 +7,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO_ROOT / "constraints.txt"  # the tested dependency set (scripts/lock.sh)
+SEARCH_SPACES = REPO_ROOT / "search_spaces"  # the presets
 
 
 def default_cache_dir() -> Path:

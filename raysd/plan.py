@@ -48,7 +48,7 @@ class Plan:
     layout: str
     catalog: Any
     studies: list[StudyJob]
-    num_samples: dict[str, int]
+    num_samples: dict[str, int | None]  # trials per study when --num-samples says (else the entry's budget)
     searches: dict[str, FamilySearch] = field(default_factory=dict)  # per study: its entry's search, narrowed
     notes: list[str] = field(default_factory=list)  # what the plan dropped, and why
 
@@ -56,7 +56,7 @@ class Plan:
         return self.searches.get(job.study) or self.preset.families[job.search_entry]
 
     def trials(self, job: StudyJob) -> int:
-        """Trials of one study: Tune's ``num_samples`` times the entry's repeats (and grid)."""
+        """Trials of one study (:meth:`raysd.presets.FamilySearch.trials`)."""
         return self.search(job).trials(self.num_samples[job.study])
 
     def trials_total(self) -> int:
@@ -151,7 +151,7 @@ def make_plan(preset: Preset, args: argparse.Namespace) -> Plan:
             use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
             max_failures=preset.max_failures, study_table=study_table, machine_types=types, scope=scope))
         plan.searches[name] = search
-        plan.num_samples[name] = args.num_samples or preset.families[fam].num_samples
+        plan.num_samples[name] = args.num_samples
     return plan
 
 

@@ -27,6 +27,7 @@ A family entry may also say
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ from raysd.data.study import ALL_TYPES, FIRST_SHOT
 from raysd.data.views import View
 from raysd.families.base import get_family
 from raysd.families.hparams import TrainHP, config_fields, make_config
+from raysd.paths import SEARCH_SPACES
 from raysd.preset_schema import DISTRIBUTIONS, METRICS, RULES, Dataset, PresetFile, Resources, Scheduler, errors, schema
 from raysd.search_settings import SearchSettings
 
-SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 __all__ = ["DISTRIBUTIONS", "METRICS", "RULES", "SEARCH_SPACES", "FamilySearch", "Preset", "PresetError", "Resources",
            "Scheduler", "in_distribution", "load_preset"]
 
@@ -86,9 +87,20 @@ class FamilySearch:
         return [int(base) + i for i in range(self.repeats)]
 
     def trials(self, num_samples: int | None = None) -> int:
-        """Trials of one study: Ray Tune runs ``num_samples`` times the grid (of the repeats' seeds, and of the
-        choices under a grid search)."""
-        return (num_samples or self.num_samples) * self.repeats * self.grid_size()
+        """Trials of one study: ``num_samples`` when given (``--num-samples``: trials per study, whatever the entry),
+        else the entry's ``num_samples`` times its grid (of the repeats' seeds, and of the choices under a grid
+        search)."""
+        return num_samples or self.num_samples * self.repeats * self.grid_size()
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every configuration of a grid search or of repeats (the searched keys, and ``seed``), in Tune's order;
+        [] for the other searches."""
+        axes: dict[str, list[Any]] = {}
+        if self.search.algorithm == "grid":
+            axes = {k: list(v["choice"]) for k, v in self.space.items() if isinstance(v, dict)}
+        if self.repeats > 1:
+            axes["seed"] = self.seeds()
+        return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else []
 
 
 @dataclass

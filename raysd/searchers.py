@@ -55,6 +55,14 @@ def make_sampler(settings: SearchSettings, num_samples: int, seed: int):
                                       multivariate=settings.multivariate, constant_liar=settings.constant_liar)
 
 
+def some_points(points: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` of ``points`` in a seeded random order (each once while there are enough, then round again)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(points))
+    return [points[int(order[i % len(points)])] for i in range(n)]
+
+
 def param_space(search: FamilySearch, epochs: int) -> dict[str, Any]:
     """The Ray Tune ``param_space`` of a study: its fixed values and ``epochs``; a grid's choices (and the seeds of
     repeats) as ``grid_search``. The searched keys of an Optuna search are the searcher's to fill in."""

@@ -86,7 +86,7 @@ class StudyRun:
 
     preset: Preset
     search: FamilySearch
-    num_samples: int
+    num_samples: int | None  # trials of the study when the command line says (else the entry's budget)
     epochs: int
     max_concurrent: int  # the study's most trials at once
     seed: int
@@ -99,17 +99,26 @@ def tune_config(job: StudyJob, run: StudyRun):
     """The study's ``param_space`` and ``TuneConfig``: its searcher (none for a grid or a fixed space), the
     preset's scheduler (not for repeats: every seed trains to the end), its trials and its share of the cluster."""
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     search, preset = run.search, run.preset
-    searcher = None
+    trials = search.trials(run.num_samples)
+    searcher: Any = None
+    space = searchers.param_space(search, run.epochs)
+    tune_samples = run.num_samples or search.num_samples  # Tune repeats a grid this many times
     if search.searched and search.search.optuna:
-        spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, run.num_samples, run.epochs, run.seed)
+        spec = searchers.SearcherSpec(search.search, preset.metric, preset.mode, trials, run.epochs, run.seed)
         url = searchers.optuna_storage_url(job.experiment, job.study, run.optuna_url)
         searcher = searchers.make_searcher(spec, job.study, search.space, url,
                                            [*search.points_to_evaluate, *(run.warm_points or [])])
+    elif run.num_samples and search.grid_points():  # trials per study: that many points of the grid, in a seeded order
+        points = searchers.some_points(search.grid_points(), run.num_samples, run.seed)
+        space = {k: v for k, v in space.items() if not (isinstance(v, dict) and "grid_search" in v)}
+        searcher = BasicVariantGenerator(points_to_evaluate=points)
+        tune_samples = len(points)
     scheduler = searchers.make_scheduler(preset.scheduler, run.epochs) if search.repeats == 1 else None
-    return searchers.param_space(search, run.epochs), tune.TuneConfig(
-        metric=preset.metric, mode=preset.mode, search_alg=searcher, scheduler=scheduler, num_samples=run.num_samples,
+    return space, tune.TuneConfig(
+        metric=preset.metric, mode=preset.mode, search_alg=searcher, scheduler=scheduler, num_samples=tune_samples,
         reuse_actors=job.workers == 1, max_concurrent_trials=searchers.study_concurrency(search.search, run.max_concurrent))
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from raysd import plan as planning
-from raysd import search
+from raysd import runner, search
 from raysd.presets import PresetError, load_preset
 from raysd.searchers import param_space
 from raysd.studies import StudyRun, tune_config
@@ -33,7 +33,7 @@ def _job(tmp_path: Path, entry: str = "dense_ae") -> StudyJob:
                     cache_dir=str(tmp_path / "cache"), experiment=str(tmp_path / "exp"), entry=entry)
 
 
-def _config(tmp_path: Path, preset, num_samples: int, epochs: int, share: int, warm: list | None = None):
+def _config(tmp_path: Path, preset, num_samples: int | None, epochs: int, share: int, warm: list | None = None):
     """The study's Tune param_space and TuneConfig, as its driver builds them."""
     run = StudyRun(preset, preset.families["dense_ae"], num_samples, epochs, share, 3, warm_points=warm)
     return tune_config(_job(tmp_path), run)
@@ -89,7 +89,7 @@ def test_repeats_are_a_grid_of_seeds_from_the_fixed_seed(tmp_path: Path) -> None
 
     fixed = {"lr": 1e-3, "batch_size": 256, "hidden": 64}
     fam = load_preset(_write(tmp_path, {"space": {**fixed, "seed": 7}, "repeats": 3})).families["dense_ae"]
-    assert fam.seeds() == [7, 8, 9] and fam.num_samples == 1 and fam.trials() == 3 and fam.trials(2) == 6
+    assert fam.seeds() == [7, 8, 9] and fam.num_samples == 1 and fam.trials() == 3 and fam.trials(2) == 2
     assert param_space(fam, 3)["seed"] == tune.grid_search([7, 8, 9])
     fam = load_preset(_write(tmp_path, {"space": fixed, "repeats": 2, "num_samples": 2})).families["dense_ae"]
     assert fam.seeds() == [0, 1] and fam.trials() == 4  # each seed twice
@@ -114,13 +114,13 @@ def test_repeats_reach_the_tuner_and_every_trial_count(tmp_path: Path, monkeypat
     path = _write(tmp_path, {"space": {"lr": 1e-3, "seed": 5}, "repeats": 3, "epochs": 2},
                   dataset={"root_env": "RAYSD_NO_SUCH_ROOT"}, scheduler={"type": "asha"})
     preset = load_preset(path)
-    space, config = _config(tmp_path, preset, 1, 2, 1)
+    space, config = _config(tmp_path, preset, None, 2, 1)
     assert config.search_alg is None and config.scheduler is None and config.num_samples == 1  # every seed to its end
     assert space["seed"] == {"grid_search": [5, 6, 7]}
     job = _job(tmp_path)
-    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 2})
-    assert plan.trials(job) == 6 and plan.trials_total() == 6
-    assert search.finished_summary(plan) == "trials done per study: fan__dense_ae 0/6"
+    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: None})
+    assert plan.trials(job) == 3 and plan.trials_total() == 3
+    assert runner.finished_summary(plan) == "trials done per study: fan__dense_ae 0/3"
     assert search.main([str(path), "--dry-run"]) == 0  # no data: the part of the plan the preset fixes
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
     assert row.split()[2:4] == ["3", "2"]  # trials, epochs
@@ -163,12 +163,12 @@ def test_a_grid_trains_every_combination_of_the_choices(tmp_path: Path, monkeypa
     preset = load_preset(path)
     fam = preset.families["dense_ae"]
     assert preset.search.algorithm == fam.search.algorithm == "grid" and not fam.search.optuna
-    assert fam.num_samples == 1 and fam.grid_size() == 6 and fam.trials() == 6 and fam.trials(2) == 12
-    space, config = _config(tmp_path, preset, 1, 2, 4)
+    assert fam.num_samples == 1 and fam.grid_size() == 6 and fam.trials() == 6 and fam.trials(2) == 2
+    space, config = _config(tmp_path, preset, None, 2, 4)
     assert space["lr"] == {"grid_search": [1e-4, 1e-3, 1e-2]} and space["batch_size"] == {"grid_search": [128, 256]}
     assert config.search_alg is None and config.num_samples == 1 and config.scheduler is not None
     job = _job(tmp_path)
-    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: 1})
+    plan = planning.Plan(preset, str(tmp_path / "exp"), tmp_path, "dcase2020", None, [job], {job.study: None})
     assert plan.trials(job) == 6 and plan.trials_total() == 6
     assert search.main([str(path), "--dry-run"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
@@ -257,3 +257,24 @@ def test_the_committed_schema_is_the_presets_schema_and_every_preset_follows_it(
         jsonschema.validate(yaml.safe_load(text), committed)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"families": {"dense_ae": {"epochs": 0}}}, committed)
+
+
+def test_num_samples_on_the_command_line_is_trials_per_study_even_for_a_grid(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    """A 6-point grid with ``--num-samples 2`` trains 2 of its points (a seeded draw), and the dry run says 2; a
+    repeats entry trains its first seeds."""
+    monkeypatch.delenv("RAYSD_NO_SUCH_ROOT", raising=False)
+    path = _write(tmp_path, {"space": GRID, "epochs": 2}, search="grid", dataset={"root_env": "RAYSD_NO_SUCH_ROOT"})
+    preset = load_preset(path)
+    fam = preset.families["dense_ae"]
+    assert fam.trials(2) == 2 and fam.trials() == 6 and len(fam.grid_points()) == 6
+    run = StudyRun(preset, fam, 2, 2, 4, 3)
+    space, config = tune_config(_job(tmp_path), run)
+    assert config.num_samples == 2 and "lr" not in space and space["weight_decay"] == 0.0
+    points = config.search_alg._points_to_evaluate  # Tune's BasicVariantGenerator: the grid points it will run
+    assert len(points) == 2 and all(p in fam.grid_points() for p in points) and points[0] != points[1]
+    assert search.main([str(path), "--dry-run", "--num-samples", "2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dense_ae"))
+    assert row.split()[2] == "2"
+    seeds = load_preset(_write(tmp_path, {"space": {"lr": 1e-3, "seed": 5}, "repeats": 3})).families["dense_ae"]
+    assert seeds.trials(2) == 2 and [p["seed"] for p in seeds.grid_points()] == [5, 6, 7]

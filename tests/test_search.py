@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysd import cluster, search, studies
+from raysd import cluster, runner, search, studies
 from raysd import plan as planning
 from raysd.presets import SEARCH_SPACES, PresetError, load_preset
 from raysd.trial import StudyJob
@@ -393,7 +393,7 @@ def test_trials_stopped_early_free_their_workers(tiny_root: Path, tmp_path: Path
     plan = planning.make_plan(load_preset(path), args)
     planning.warm_cache(plan)
     (job,) = plan.studies
-    with search.attached_ray():
+    with runner.attached_ray():
         grid = tune.Tuner(
             studies.register(job), param_space={"lr": 1e-3, "batch_size": 512, "epochs": 3},
             tune_config=tune.TuneConfig(metric="sel_auc", mode="max", num_samples=3, max_concurrent_trials=1),

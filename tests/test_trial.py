@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysd import artifacts, search
+from raysd import artifacts, runner, search
 from raysd import plan as planning
 from raysd.presets import load_preset
 from raysd.trial import Session, trial_body
@@ -161,7 +161,7 @@ def test_the_tune_trainable_and_a_ray_train_worker_give_the_same_scores(tiny_roo
     planning.warm_cache(plan)
     (job,) = plan.studies
     params = {"lr": 1e-3, "batch_size": 256, "epochs": 2, "seed": 3}
-    with search.attached_ray():
+    with runner.attached_ray():
         (tuned,) = tune.Tuner(studies.register(job), param_space=params,
                               run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="one")).fit()
         trained = TorchTrainer(
