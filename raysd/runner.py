@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysd import artifacts, leaderboard, local_ray, searchers, storage
+import pandas as pd
+
+from raysd import artifacts, leaderboard, local_ray, searchers, storage, tracking
 from raysd.cluster import (
     BOOTSTRAP_CONFIG,
     InfeasibleTrial,
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         with attached_ray():
             return run_search(plan, args, epochs)
-    except (SearchError, InfeasibleTrial, local_ray.LocalRayError) as e:
+    except (SearchError, InfeasibleTrial, local_ray.LocalRayError, tracking.TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -155,6 +157,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
 
     preset = plan.preset
     check_storage(plan.experiment, args.shared_fs)
+    tracking.check(args.tracking, plan.experiment)
     if not args.no_resource_check:
         check_resources(plan.studies, present_nodes(), autoscaler_nodes())
     if not storage.is_remote(plan.experiment):
@@ -186,7 +189,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
             warm = searchers.warm_start(spec, search, plan.experiment, job.study,
                                         [j.study for j in finished if j.search_entry == job.search_entry])
             run = StudyRun(preset, search, plan.num_samples[job.study], epochs[job.search_entry], per_study[job.study],
-                           seed, args.optuna_storage, args.resume, warm)
+                           seed, args.optuna_storage, args.resume, warm, tuple(args.tracking))
             running[remote.remote(job, run)] = job
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
@@ -206,7 +209,7 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
     log.info(f"{len(summaries)} studies finished in {time.time() - t0:.0f}s; experiment: {plan.experiment}")
     storage.write_json(storage.join(plan.experiment, artifacts.STUDIES_FILE), summaries)
     if not args.no_leaderboard:
-        run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name))
+        run_leaderboard(plan, args.results_dir or str(Path("results") / preset.name), args.tracking)
     if lost:
         log.error(f"{len(lost)} trial(s) lost after their retries (max_failures {preset.max_failures}): "
                   f"{', '.join(lost)}; their records say why")
@@ -232,10 +235,15 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "-m", "raysd.search", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
-def run_leaderboard(plan: Plan, out: str) -> None:
-    """Build the reports; a failure here is reported but never loses the finished search."""
+def run_leaderboard(plan: Plan, out: str, trackers: tuple[str, ...] | list[str] = ()) -> None:
+    """Build the reports (and give the trackers their figures); a failure here is reported but never loses the
+    finished search."""
     try:
         rc = leaderboard.main([plan.experiment, "--out", out])
+        if rc == 0 and "mlflow" in trackers:
+            runs = tracking.log_figures(plan.experiment, pd.read_csv(Path(out) / "leaderboard.csv",
+                                                                     dtype={"trial_id": str}))
+            log.info(f"MLflow: report-half and test figures logged to {runs} run(s) ({tracking.mlflow_uri(plan.experiment)})")
     except Exception as e:  # the trials and their score tables are safe in the experiment folder
         log.error(f"leaderboard failed ({type(e).__name__}: {e}); rerun it with: "
                   f"python -m raysd.leaderboard {plan.experiment} --out {out}")

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from raysd.paths import SEARCH_SPACES
+from raysd.tracking import TRACKERS
 
 DESCRIPTION = ("Search every study of a preset with Ray Tune and Optuna: one study per machine type and model family, "
                "on the Ray cluster this is attached to (or on this machine), then write the leaderboard under "
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                             "their resources; run nothing")
     act.add_argument("--resume", action="store_true", help="continue an interrupted experiment of the same name")
     act.add_argument("--no-leaderboard", action="store_true", help="do not build the leaderboard at the end")
+    act.add_argument("--tracking", nargs="+", choices=TRACKERS, default=["tensorboard"], metavar="TRACKER",
+                     help="experiment tracking, several allowed: tensorboard (always written by Ray Tune), mlflow "
+                          "(pip install \"raysd[mlflow]\"), wandb (pip install \"raysd[wandb]\")")
     args = p.parse_args(argv)
     for flag in ("num_samples", "epochs", "workers", "concurrency"):
         value = getattr(args, flag)

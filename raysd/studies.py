@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from raysd import artifacts, searchers, storage
+from raysd import artifacts, searchers, storage, tracking
 from raysd.cluster import trainable_resources
 from raysd.log import module_logger, setup_logging
 from raysd.presets import FamilySearch, Preset
@@ -93,6 +93,7 @@ class StudyRun:
     optuna_url: str | None = None  # an Optuna storage URL (default: SQLite under the experiment)
     resume: bool = False
     warm_points: list[dict] | None = None  # finished sibling studies' best configurations (searchers.warm_start)
+    trackers: tuple[str, ...] = ()  # --tracking (raysd.tracking)
 
 
 def tune_config(job: StudyJob, run: StudyRun):
@@ -137,7 +138,9 @@ def build_tuner(job: StudyJob, run: StudyRun):
         run_config=tune.RunConfig(name=job.study, storage_path=storage.join(job.experiment, artifacts.STUDIES_DIR),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  callbacks=trial_callbacks(job, run.preset.metric, run.epochs), verbose=0),
+                                  callbacks=[*trial_callbacks(job, run.preset.metric, run.epochs),
+                                             *tracking.callbacks(list(run.trackers), job.experiment, job.study)],
+                                  verbose=0),
     )
 
 

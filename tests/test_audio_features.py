@@ -210,7 +210,7 @@ def test_store_extracts_once_then_hits_the_cache_without_decoding(tiny_root: Pat
     assert isinstance(store.features, np.memmap)
     key = f"{cat.content_key()}-{SPEC3.key()}"
     assert store.path == tmp_path / "cache" / "features" / key
-    assert sorted(p.name for p in store.path.iterdir()) == ["features.f32", "index.csv", "meta.json"]
+    assert sorted(p.name for p in store.path.iterdir()) == ["features.npy", "index.csv", "meta.json"]
     assert json.loads((store.path / "meta.json").read_text())["shape"] == [6, 128, 94]
     # every row equals the single-clip reference computation, in catalog order or any other
     t = cat.table.iloc[::-1]
@@ -392,7 +392,7 @@ def test_a_killed_writers_partial_cache_is_removed_by_the_next_open(tiny_root: P
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     (partial,) = (cache / "features").glob(".*.tmp-*")
-    assert (partial / "features.f32").exists() and str(proc.pid) in partial.name
+    assert (partial / "features.npy").exists() and str(proc.pid) in partial.name
 
     cat = Catalog.scan(root)
     store = FeatureStore.open(cat, SPEC3, cache, device="cpu", batch_size=4)

@@ -5,7 +5,6 @@ what a killed writer leaves behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,21 +19,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
+from numpy.lib.format import open_memmap
 
 from raysd.data.features import AnySpec, FailedClip, extract, resolve_device, spec_from_dict
 
 log = logging.getLogger(__name__)
 
 
-STORE_VERSION = 1
+FEATURES_FILE = "features.npy"
+STORE_VERSION = 2  # 2: features.npy (NumPy's format, its shape and dtype in its header)
 
 
 class FeatureStore:
     """Features of every clip of a catalog under one spec, cached on disk as a memory-mapped float32 array.
 
-    Layout of ``<cache_dir>/features/<catalog key>-<spec key>/``: ``features.f32`` (raw float32, C order,
-    shape ``meta['shape']`` = (clips, *spec.item_shape)), ``index.csv`` (file, offset, row)
-    and ``meta.json`` (spec, keys, shape, failed clips). The folder is built under a temporary name and
+    Layout of ``<cache_dir>/features/<catalog key>-<spec key>/``: ``features.npy`` (float32, one row per clip that
+    decoded, in catalog order, written and read memory-mapped in NumPy's format, ``numpy.lib.format.open_memmap``),
+    ``index.csv`` (file, offset, row) and ``meta.json`` (spec, keys, shape, failed clips). The folder is built under a temporary name and
     renamed when complete, so a folder with the final name is always a complete cache; a lock file
     keeps concurrent processes from extracting the same key twice. The temporary name carries the writer's
     process id and host (``.<key>.tmp-<pid>-<token>@<host>``): every open removes the temporaries whose
@@ -79,7 +81,7 @@ class FeatureStore:
         store = cls._load(final, spec)
         if store is not None:
             return store
-        with _file_lock(root / f".{key}.lock"):
+        with FileLock(str(root / f".{key}.lock")):
             store = cls._load(final, spec)
             if store is not None:
                 return store
@@ -110,9 +112,9 @@ class FeatureStore:
             expect = spec.item_shape
             if meta.get("version") != STORE_VERSION or spec_from_dict(meta["spec"]) != spec or shape[1:] != expect:
                 raise ValueError(f"meta.json describes another spec or version (shape {shape}, expected (N, *{expect}))")
-            size = (path / "features.f32").stat().st_size
-            if size != int(np.prod(shape)) * 4:
-                raise ValueError(f"features.f32 holds {size} bytes, expected {int(np.prod(shape)) * 4} for shape {shape}")
+            features = np.load(path / FEATURES_FILE, mmap_mode="r") if shape[0] else np.zeros(shape, np.float32)
+            if features.shape != shape or features.dtype != np.float32:
+                raise ValueError(f"{FEATURES_FILE} holds {features.dtype} {features.shape}, expected float32 {shape}")
             index = pd.read_csv(path / "index.csv", dtype={"file": str, "offset": "int64", "row": "int64"},
                                 keep_default_na=False)
             if len(index) != shape[0]:
@@ -121,8 +123,6 @@ class FeatureStore:
             warnings.warn(f"feature cache {path} is unusable ({e}); extracting again", RuntimeWarning, stacklevel=3)
             shutil.rmtree(path, ignore_errors=True)
             return None
-        features = (np.memmap(path / "features.f32", dtype=np.float32, mode="r", shape=shape) if shape[0]
-                    else np.zeros(shape, np.float32))
         failed = [FailedClip(str(f), int(o), str(r)) for f, o, r in meta.get("failed", [])]
         return cls(path, spec, features, index, failed, meta, extracted=False)
 
@@ -133,11 +133,24 @@ class FeatureStore:
         t0 = time.perf_counter()
         rows: list[int] = []
         failed: list[FailedClip] = []
-        with open(path / "features.f32", "wb") as f:
-            for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers,
-                                     failed=failed):
-                feats.tofile(f)
-                rows.extend(ok)
+        shape = (len(table), *spec.item_shape)
+        out = open_memmap(path / FEATURES_FILE, mode="w+", dtype=np.float32, shape=shape) if len(table) else None
+        for ok, feats in extract(table, spec, device=device, batch_size=batch_size, workers=workers, failed=failed):
+            if out is not None:
+                out[np.asarray(ok, dtype=np.int64)] = feats
+            rows.extend(ok)
+        if out is not None:
+            out.flush()
+            del out
+        if failed and rows:  # keep the rows of the clips that decoded, in order
+            full = np.load(path / FEATURES_FILE, mmap_mode="r")
+            kept = open_memmap(path / f"kept-{FEATURES_FILE}", mode="w+", dtype=np.float32,
+                               shape=(len(rows), *spec.item_shape))
+            for i in range(0, len(rows), 256):
+                kept[i:i + 256] = full[np.asarray(rows[i:i + 256], dtype=np.int64)]
+            kept.flush()
+            del kept, full
+            os.replace(path / f"kept-{FEATURES_FILE}", path / FEATURES_FILE)
         if failed:
             shown = "\n".join(f"  {fc.file} @ {fc.offset}: {fc.reason}" for fc in failed[:10])
             more = f"\n  ... and {len(failed) - 10} more (see {path.name}/meta.json)" if len(failed) > 10 else ""
@@ -218,15 +231,3 @@ def remove_dead_writers(root: Path) -> list[Path]:
         log.info("removed %d partial feature cache folder(s) left by a writer that is no longer running, e.g. %s",
                  len(removed), removed[0])
     return removed
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    import fcntl
-
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

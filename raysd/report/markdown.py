@@ -28,11 +28,20 @@ def fmt(v: Any, column: str = "") -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
+    """A table as GitHub Markdown (pandas' ``to_markdown``, through tabulate), each value formatted by :func:`fmt`."""
     if df.empty:
         return "(none)\n"
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v, c) for v, c in zip(r, df.columns)) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    shown = pd.DataFrame({str(c): [fmt(v, str(c)) for v in df[c]] for c in df.columns})
+    return shown.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as a report shows it: relative to the working folder when under it (a report read on another machine
+    names no home folder), else the folder's name."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
 
 
 def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, ens: pd.DataFrame,
@@ -44,7 +53,7 @@ def summary_markdown(exp: Experiment, board: pd.DataFrame, best: pd.DataFrame, e
     trials = board.drop_duplicates(["study", "trial_id"])  # a trial over several machine types has a row in each
     counts = trials["status"].value_counts()
     lines = [f"# raysd leaderboard: {exp.preset}", "",
-             f"Experiment `{exp.root}`, rule {rule}, search metric `{exp.metric}` ({exp.mode}), "
+             f"Experiment `{shown_path(Path(exp.root))}`, rule {rule}, search metric `{exp.metric}` ({exp.mode}), "
              f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
     if "scope" in board.columns and (board["scope"] != "machine_type").any():
         lines += ["Trials of scope `dataset` (one model for every machine type) and `first_shot` (one model per "
