@@ -21,9 +21,9 @@ Every figure of a trial or an ensemble has a 95% interval (``*_lo``, ``*_hi``: a
 test clips, paired across the models of a machine type, :mod:`raysd.report.intervals`), and ``tie`` marks the
 trials the selection half cannot tell from their machine type's leader. The best single model of a machine type is
 picked among those by ``--pick`` (:mod:`raysd.report.picks`). The chosen model of a machine type is the candidate
-with the best selection-half metric (ties go to fewer members), an ensemble only when its gain over the best single
-model is above its bootstrap noise; ``summary.md`` says why. For a study over several machine types
-(``first_shot``, ``dataset``), ``first_shot.csv`` gives each type's leave-one-type-out figure: the report-half
+with the best selection-half metric (ties go to fewer members); with ``--ensemble-gain noise``, an ensemble only
+when its gain over the best single model is above its bootstrap noise. ``summary.md`` says why. For a study over
+several machine types (``first_shot``, ``dataset``), ``first_shot.csv`` gives each type's leave-one-type-out figure: the report-half
 figure of the configuration chosen on the other types. Report-half figures were not used for any choice. Every
 file is written atomically.
 
@@ -104,7 +104,7 @@ class Options:
     device: str | None = None
     bootstrap: int = N_BOOT  # bootstrap replicates (0: no intervals, ties or noise rule)
     pick: str = DEFAULT_PICK
-    ensemble_needs_gain: bool = True  # an ensemble replaces the best single model on a gain above its noise only
+    ensemble_needs_gain: bool = False  # True: an ensemble replaces the best single model on a gain above its noise only
 
 
 def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, options: Options | None = None,
@@ -237,9 +237,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pick", choices=PICK_RULES, default=DEFAULT_PICK,
                    help=f"which of the trials tied with a machine type's leader is its best single model (default "
                         f"{DEFAULT_PICK})")
-    p.add_argument("--any-ensemble-gain", action="store_true",
-                   help="let an ensemble replace the best single model on any selection gain, even one within its "
-                        "bootstrap noise")
+    p.add_argument("--ensemble-gain", choices=("any", "noise"), default="any",
+                   help="when an ensemble replaces the best single model: on any selection gain (default), or only on "
+                        "a gain above its bootstrap noise (noise)")
     args = p.parse_args(argv)
     if args.top is not None and args.top < 1:
         p.error(f"--top must be >= 1, got {args.top}")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build(args.experiment, args.out, Options(
             quantile=args.quantile, top_k=args.top_k, steps=args.steps, plots=not args.no_plots, top=args.top,
             projection=args.projection, device=args.device, bootstrap=args.bootstrap, pick=args.pick,
-            ensemble_needs_gain=not args.any_ensemble_gain))
+            ensemble_needs_gain=args.ensemble_gain == "noise"))
     except (LeaderboardError, EnsembleError, MetricError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,3 +110,24 @@ def test_neighbours_smooth_a_lucky_trial_and_defaults_are_nearest_the_familys() 
     assert smooth["fan__dense_ae/lucky"] == pytest.approx((0.82 + 0.62 + 0.60) / 3)
     assert max(smooth, key=smooth.__getitem__) == "fan__dense_ae/g0"
     assert default_distance(good[0]) < default_distance(lucky)  # dense_ae's defaults: lr 1e-3, batch 256
+
+
+def test_the_ensemble_rule_any_gain_or_above_the_noise() -> None:
+    from raysd.report.ensembles import Candidate, choose
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.80, 0.02, 500)
+
+    def cand(name: str, members: int, selection: float, replicates: np.ndarray) -> Candidate:
+        return Candidate("fan", name, "single" if members == 1 else "greedy", "mean",
+                         {f"m{i}": 1 for i in range(members)}, pd.DataFrame(), pd.DataFrame(), selection,
+                         replicates=replicates)
+
+    single = cand("best single", 1, 0.80, base)
+    small = cand("greedy mean", 2, 0.801, base + rng.normal(0.001, 0.01, 500))  # within the noise
+    assert choose([single, small], "max", needs_gain=False)[0] is small  # the default: any selection gain
+    kept, why = choose([single, small], "max", needs_gain=True)
+    assert kept is single and "within its bootstrap noise" in why
+    clear = cand("greedy max", 2, 0.83, base + 0.03 + rng.normal(0, 0.005, 500))
+    chosen, why = choose([single, clear], "max", needs_gain=True)
+    assert chosen is clear and "above its bootstrap noise" in why

@@ -7,9 +7,11 @@ A seed ensemble is the mean of the standardised scores of the finished trials of
 differ in ``seed`` alone (a preset entry's ``repeats``, or a configuration Tune ran more than once): "the best
 configuration, trained N times, averaged".
 
-An ensemble replaces the best single model only when its gain on the selection half is above its bootstrap noise:
-the one-sided 95% lower bound of the paired bootstrap of the gain (:func:`raysd.uncertainty.gain`) is above 0. A
-gain within the noise keeps the single model, and the reason says so."""
+The chosen model is the candidate with the best selection figure. With ``needs_gain`` (``--ensemble-gain noise``),
+an ensemble replaces the best single model only when its gain on the selection half is above its bootstrap noise:
+the one-sided 95% lower bound of the paired bootstrap of the gain (:func:`raysd.uncertainty.gain`) is above 0; a
+gain within the noise keeps the single model, and the reason says so. ``benchmarks/selection_rules.py`` measures
+both rules on the report half."""
 
 from __future__ import annotations
 
@@ -152,10 +154,10 @@ def ensembles_for_type(exp: Experiment, mt: str, trials: list[Trial], values: di
     return out, {n: stats[n] for c in out for n in c.members}
 
 
-def choose(cands: list[Candidate], mode: str, needs_gain: bool = True) -> tuple[Candidate, str]:
-    """The machine type's model and why: the candidate with the best selection figure (ties to fewer members), an
-    ensemble only when its gain over the best single model is above its bootstrap noise (module docstring;
-    ``needs_gain=False``, or no replicates: the best selection figure alone)."""
+def choose(cands: list[Candidate], mode: str, needs_gain: bool = False) -> tuple[Candidate, str]:
+    """The machine type's model and why: the candidate with the best selection figure (ties to fewer members); with
+    ``needs_gain`` (and replicates), an ensemble only when its gain over the best single model is above its
+    bootstrap noise (module docstring)."""
     sign = 1 if mode == "max" else -1
     single = cands[0]
     valid = [c for c in cands if math.isfinite(c.selection)]
@@ -165,7 +167,8 @@ def choose(cands: list[Candidate], mode: str, needs_gain: bool = True) -> tuple[
     if best is single or len(best.members) <= 1:
         return best, "the best single model: no ensemble has a better selection figure"
     if not needs_gain or best.replicates is None or single.replicates is None:
-        return best, f"{best.name}: the best selection figure"
+        return best, (f"{best.name}: the best selection figure, {sign * (best.selection - single.selection):+.4f} over "
+                      f"the best single model")
     bound, median = gain(best.replicates, single.replicates, mode)
     if math.isfinite(bound) and bound > 0:
         return best, (f"{best.name}: selection gain {sign * (best.selection - single.selection):+.4f} over the best "
