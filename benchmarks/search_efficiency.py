@@ -88,8 +88,12 @@ from raysd.atomic import atomic_path, atomic_write_text
 from raysd.presets import METRICS, SEARCH_SPACES, Scheduler
 from raysd.search_settings import SearchSettings, SettingError, read_settings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tournament  # noqa: E402  (benchmarks/tournament.py, beside this file)
+
 TABLES = Path(__file__).resolve().parent / "tables"
 SEARCHERS = ["grid", "random", "tpe_default", "tpe"]
+TOURNAMENT = ["random", "tpe_default", "tpe", "gp", "cmaes", "bohb", "topk"]
 DEFAULT_GRIDS = {  # 4 x 3 x 3 = 36 configurations each
     "dense_ae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [128, 256, 512], "bottleneck": [4, 8, 16]},
     "vae": {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "batch_size": [128, 256, 512], "latent": [8, 16, 32]},
@@ -98,6 +102,9 @@ DEFAULT_GRIDS = {  # 4 x 3 x 3 = 36 configurations each
 # epochs, both families on one machine type, took 43 minutes on 2 CPU cores, mostly Ray's start of each trial).
 DEFAULT_FIXED = ["hop=4"]
 HP = "hp_"  # prefix of a table's grid-axis columns
+REGRET_AT = (0.10, 0.25, 0.50)  # shares of the grid's trial-epochs
+REGRET_KEYS = [int(round(f * 100)) for f in REGRET_AT]
+TABLE_METRICS = {"val_accuracy": "max"}  # metrics of tables from outside raysd (benchmarks/lcbench.py)
 
 
 # ---------------------------------------------------------------------- tables
@@ -123,7 +130,7 @@ class Problem:
 
     @property
     def mode(self) -> str:
-        return METRICS[self.metric]
+        return METRICS.get(self.metric) or TABLE_METRICS[self.metric]
 
     @property
     def sign(self) -> float:
@@ -226,29 +233,30 @@ def fabricate(family: str, machine_types: Sequence[str], axes: dict[str, list], 
 # ---------------------------------------------------------------------- replay
 @dataclass(frozen=True)
 class ReplayConfig:
-    settings: SearchSettings
-    scheduler: Scheduler  # type 'asha' or 'none'
+    """One contender on one seed and concurrency. ``settings``: raysd's search settings, or the name of a searcher
+    only the tournament runs (``bohb``, ``topk``); ``scheduler``: a preset's scheduler section
+    (``bohb`` always runs with ``HyperBandForBOHB``)."""
+
+    settings: SearchSettings | str
+    scheduler: Scheduler
     concurrency: int
     seed: int
     budget: float = 1.0  # of the grid's trial-epochs
     pick_at: float = 1 / 3  # of the budget
 
+    @property
+    def searcher_label(self) -> str:
+        return self.settings if isinstance(self.settings, str) else self.settings.label()
 
-@dataclass
-class ReplayTrial:
-    """What ASHA reads of a Tune ``Trial``: its id."""
+    @property
+    def label(self) -> str:
+        """``<searcher>[+<scheduler>]``, e.g. ``tpe+asha``."""
+        if self.settings in ("bohb", "topk"):
+            return str(self.settings)
+        return self.searcher_label + ("" if self.scheduler.type == "none" else f"+{self.scheduler.type}")
 
-    trial_id: str
 
-
-@dataclass
-class Replay:
-    budget: int
-    used: int = 0  # trial-epochs trained
-    steps: int = 0  # time steps (one epoch of every running trial)
-    trials: int = 0
-    configs: set[int] = field(default_factory=set)  # the distinct configurations tried
-    finished: list[tuple[int, int, int, float]] = field(default_factory=list)  # (used, steps, config, last value)
+Replay = tournament.Run
 
 
 class GridOrder:
@@ -269,7 +277,9 @@ class GridOrder:
 
 def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[dict]):
     """The study's searcher as :func:`raysd.studies.tune_config` makes it (in-memory Optuna storage), over the space
-    a preset would write for the table's grid (:meth:`Problem.space`)."""
+    a preset would write for the table's grid (:meth:`Problem.space`); Ray's ``TuneBOHB`` for ``bohb``."""
+    if isinstance(cfg.settings, str):
+        return tournament.ray_searcher(cfg.settings, p.space(), p.metric, p.mode, cfg.seed)
     if not cfg.settings.optuna:
         return GridOrder(p, cfg.seed)
     spec = searchers.SearcherSpec(cfg.settings, p.metric, p.mode, num_samples, p.epochs, cfg.seed)
@@ -280,63 +290,45 @@ def make_searcher(p: Problem, cfg: ReplayConfig, num_samples: int, points: list[
 
 def warm_points(p: Problem, cfg: ReplayConfig, siblings: Sequence[Problem], num_samples: int) -> list[dict]:
     """The best finished configurations of the same search on the family's other machine types."""
-    cold = ReplayConfig(dataclasses.replace(cfg.settings, warm_start=0), cfg.scheduler, cfg.concurrency, cfg.seed,
-                        cfg.budget, cfg.pick_at)
+    assert isinstance(cfg.settings, SearchSettings)
+    cold = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, warm_start=0))
     results = [(s.configs[c], v) for s in siblings for _, _, c, v in replay(s, cold, stop_when_done=False).finished]
     return searchers.warm_start_points(results, p.space(), min(cfg.settings.warm_start, num_samples), p.mode)
 
 
 def replay(p: Problem, cfg: ReplayConfig, siblings: Sequence[Problem] = (), stop_when_done: bool = True) -> Replay:
-    """One study replayed on a table (module docstring). ``stop_when_done``: end once the grid's best is reached
-    and the pick is known (nothing measured changes after that)."""
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+    """One study replayed on a table (module docstring; :func:`tournament.simulate`). ``stop_when_done``: end once
+    the grid's best is reached and the pick is known (nothing measured changes after that)."""
+    budget = int(round(cfg.budget * p.grid_epochs))
+    best, pick_budget = p.sign * p.best - 1e-12, cfg.pick_at * budget
 
-    out = Replay(budget=int(round(cfg.budget * p.grid_epochs)))
-    num_samples = max(1, out.budget // p.epochs)  # the full-length trials the budget pays for
-    points = warm_points(p, cfg, siblings, num_samples) if cfg.settings.warm_start and siblings else []
+    def done(run: Replay) -> bool:
+        return stop_when_done and run.used >= pick_budget and any(p.sign * v >= best for *_, v in run.finished)
+
+    if cfg.settings == "topk":
+        return tournament.top_k(p.curves, p.sign, cfg.concurrency, budget, cfg.seed, done)
+    num_samples = max(1, budget // p.epochs)  # the full-length trials the budget pays for
+    warm = isinstance(cfg.settings, SearchSettings) and cfg.settings.warm_start and siblings
+    points = warm_points(p, cfg, siblings, num_samples) if warm else []
     searcher = make_searcher(p, cfg, num_samples, points)
-    scheduler = searchers.make_scheduler(cfg.scheduler, p.epochs) or FIFOScheduler()
+    kind = "hyperband_bohb" if cfg.settings == "bohb" else cfg.scheduler.type
+    scheduler = tournament.ray_scheduler(kind, p.epochs, cfg.scheduler.grace_period, cfg.scheduler.reduction_factor)
     scheduler.set_search_properties(p.metric, p.mode)
-    slots = searchers.study_concurrency(cfg.settings, cfg.concurrency)
-    pick_budget, best, reached = cfg.pick_at * out.budget, p.sign * p.best - 1e-12, False
-    running: list[list] = []  # [trial, configuration, epochs trained]
-    while out.used < out.budget and not (stop_when_done and reached and out.used >= pick_budget):
-        while len(running) < slots:
-            trial = ReplayTrial(f"t{out.trials}")
-            params = searcher.suggest(trial.trial_id)
-            if params is None:
-                break
-            out.trials += 1
-            scheduler.on_trial_add(None, trial)
-            running.append([trial, p.config_id(params), 0])
-            out.configs.add(running[-1][1])
-        if not running:
-            break
-        out.steps += 1
-        for r in list(running):
-            if out.used >= out.budget:
-                break
-            trial, c, done = r[0], r[1], r[2] + 1
-            r[2], out.used = done, out.used + 1
-            value = float(p.curves[c, done - 1])
-            result = {p.metric: value, "training_iteration": done, "epoch": done, "trial_id": trial.trial_id}
-            decision = scheduler.on_trial_result(None, trial, result)
-            if decision != TrialScheduler.STOP:
-                searcher.on_trial_result(trial.trial_id, result)
-            if decision == TrialScheduler.STOP or done == p.epochs:
-                scheduler.on_trial_complete(None, trial, result)
-                searcher.on_trial_complete(trial.trial_id, result)
-                running.remove(r)
-                if done == p.epochs:
-                    out.finished.append((out.used, out.steps, c, value))
-                    reached = reached or p.sign * value >= best
-    return out
+    settings = cfg.settings if isinstance(cfg.settings, SearchSettings) else SearchSettings()
+    slots = searchers.study_concurrency(settings, cfg.concurrency)
+    return tournament.simulate(p.curves, p.metric, p.sign, p.config_id, searcher, scheduler, slots, budget, done)
+
+
+def problem_set(p: Problem) -> str:
+    """The set a table belongs to in the reports: LCBench, or tables recorded through raysd."""
+    return "lcbench" if p.family == "lcbench" else "recorded"
 
 
 def measure(p: Problem, cfg: ReplayConfig, run: Replay, tolerance: float, fractions: np.ndarray) -> dict[str, Any]:
     """A replay's figures (module docstring), and its gap to the grid's best at each fraction of the grid's
     trial-epochs (``gap_<i>``; before any trial finished, the gap of the grid's worst configuration)."""
     s = p.sign
+    best_config = int(np.argmax(s * p.curves[:, -1]))
 
     def first(tol: float) -> tuple[float, float]:
         hit = [(u, st) for u, st, _, v in run.finished if s * v >= s * p.best - tol - 1e-12]
@@ -345,10 +337,17 @@ def measure(p: Problem, cfg: ReplayConfig, run: Replay, tolerance: float, fracti
     (to_best, steps_best), (to_within, _) = first(0.0), first(tolerance)
     early = [(s * v, -u, c) for u, _, c, v in run.finished if u <= cfg.pick_at * run.budget]
     pick = max(early)[2] if early else None
-    best_config = int(np.argmax(s * p.curves[:, -1]))
+    regret = {}
+    for f in REGRET_AT:  # normalised regret of the best finished trial at a share of the grid's trial-epochs
+        seen = [s * v for u, _, _, v in run.finished if u <= f * p.grid_epochs]
+        regret[f"regret_{int(round(f * 100))}"] = (s * p.best - (max(seen) if seen else s * p.worst)) / max(
+            s * p.best - s * p.worst, 1e-12)
     row: dict[str, Any] = {
-        "family": p.family, "machine_type": p.machine_type, "searcher": cfg.settings.label(),
-        "scheduler": cfg.scheduler.type, "concurrency": cfg.concurrency, "seed": cfg.seed, "grid_epochs": p.grid_epochs,
+        "problem_set": problem_set(p), "family": p.family, "machine_type": p.machine_type, "contender": cfg.label,
+        "searcher": cfg.searcher_label,
+        "scheduler": {"bohb": "hyperband_bohb", "topk": "topk"}.get(cfg.searcher_label, cfg.scheduler.type),
+        "concurrency": cfg.concurrency, "stopped_best": best_config in run.stopped, "tried_best": best_config in run.configs, **regret,
+        "seed": cfg.seed, "grid_epochs": p.grid_epochs,
         "budget": run.budget, "used": run.used, "trials": run.trials,
         "distinct": len(run.configs), "epochs_to_best": to_best,
         "fraction_to_best": to_best / p.grid_epochs, "fraction_to_within": to_within / p.grid_epochs,
@@ -384,22 +383,20 @@ def run_task(task: tuple[ReplayConfig, float, np.ndarray]) -> list[dict[str, Any
     return rows
 
 
-def label(row: dict | pd.Series) -> str:
-    return row["searcher"] + ("+asha" if row["scheduler"] == "asha" else "")
-
-
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     def q(x: pd.Series, p: float) -> float:
         """A quantile in which a run that never reached (infinite) counts as the longest."""
         return float(np.quantile(x.to_numpy(float), p, method="inverted_cdf"))  # a value of the sample: no inf - inf
 
     rows = []
-    for (name, conc), g in runs.groupby([runs.apply(label, axis=1), "concurrency"], sort=False):
-        rows.append({"searcher": name, "concurrency": conc, "runs": len(g),
+    for (pset, name, conc), g in runs.groupby(["problem_set", "contender", "concurrency"], sort=False):
+        rows.append({"problem_set": pset, "searcher": name, "concurrency": conc, "runs": len(g),
                      "fraction_to_best_median": q(g["fraction_to_best"], 0.5),
                      "fraction_to_best_q25": q(g["fraction_to_best"], 0.25),
                      "fraction_to_best_q75": q(g["fraction_to_best"], 0.75),
                      "reached_best": float(np.isfinite(g["fraction_to_best"]).mean()),
+                     "stopped_best": float(g["stopped_best"].mean()),
+                     **{f"regret_{k}_median": float(g[f"regret_{k}"].median()) for k in REGRET_KEYS},
                      "fraction_to_within_median": q(g["fraction_to_within"], 0.5),
                      "fraction_to_within_q25": q(g["fraction_to_within"], 0.25),
                      "fraction_to_within_q75": q(g["fraction_to_within"], 0.75),
@@ -420,17 +417,19 @@ def plot(runs: pd.DataFrame, fractions: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     concs = sorted(runs["concurrency"].unique())
-    fig, axes = plt.subplots(2, len(concs), figsize=(4.2 * len(concs), 7), sharex=True, sharey=True, squeeze=False)
+    scheds = list(dict.fromkeys(runs["scheduler"]))
+    fig, axes = plt.subplots(len(scheds), len(concs), figsize=(4.2 * len(concs), 3.5 * len(scheds)), sharex=True,
+                             sharey=True, squeeze=False)
     gaps = [f"gap_{i}" for i in range(len(fractions))]
-    for r, sched in enumerate(("none", "asha")):
+    for r, sched in enumerate(scheds):
         for c, conc in enumerate(concs):
             ax = axes[r][c]
             sub = runs[(runs["scheduler"] == sched) & (runs["concurrency"] == conc)]
             for name, g in sub.groupby("searcher", sort=False):
                 ax.plot(fractions, np.median(g[gaps].to_numpy(float), axis=0), label=name)
-            ax.set_title(f"{'ASHA' if sched == 'asha' else 'no scheduler'}, concurrency {conc}", fontsize=9)
+            ax.set_title(f"scheduler {sched}, concurrency {conc}", fontsize=9)
             ax.grid(alpha=0.3)
-            if r == 1:
+            if r == len(scheds) - 1:
                 ax.set_xlabel("trial-epochs / grid's trial-epochs")
             if c == 0:
                 ax.set_ylabel("median gap to the grid's best (selection)")
@@ -453,14 +452,47 @@ def parse_searcher(text: str) -> SearchSettings:
         raise SystemExit(f"searcher {text!r}: {e.key}: {e}") from None
 
 
+def contenders(a: argparse.Namespace) -> list[tuple[SearchSettings | str, Scheduler]]:
+    """Every (searcher, scheduler) pair the options name; a Ray-wrapped searcher whose package is missing is left
+    out with a note (install the ``tournament`` extra)."""
+    out: list[tuple[SearchSettings | str, Scheduler]] = []
+    schedulers = [Scheduler(type=t, grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+                  for t in a.schedulers]
+    for name in a.searchers:
+        if name in ("topk", "bohb"):  # a scheduler of its own
+            if tournament.available(name):
+                out.append((name, Scheduler()))
+            else:
+                print(f"note: {name} left out: pip install -c constraints.txt -e \".[tournament]\"", file=sys.stderr)
+            continue
+        if name in tournament.RAY_SEARCHERS:
+            if not tournament.available(name):
+                print(f"note: {name} left out: pip install -c constraints.txt -e \".[tournament]\"", file=sys.stderr)
+                continue
+            out += [(name, sch) for sch in schedulers]
+            continue
+        settings = parse_searcher(name)
+        out += [(settings, sch) for sch in schedulers]
+    return out
+
+
+def shipped_scheduled() -> str:
+    """The shipped searcher with the scheduler the DCASE presets use, e.g. ``tpe+asha``."""
+    raw = yaml.safe_load((SEARCH_SPACES / "dcase20.yaml").read_text()).get("scheduler") or {}
+    kind = raw.get("type", "none")
+    return SearchSettings().label() + ("" if kind == "none" else f"+{kind}")
+
+
 def run_replay(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    probs = read_tables(a.tables, ordered=not a.categorical)
+    patterns = list(a.tables)
+    if a.lcbench:
+        built = tournament_tables(a.lcbench, Path(a.out) / "lcbench_tables", a.lcbench_tasks)
+        patterns.append(str(built / "lcbench_*.csv.gz"))
+    probs = read_tables(patterns, ordered=not a.categorical)
     fractions = np.linspace(0.0, a.budget, 41)
-    settings = [parse_searcher(s) for s in a.searchers]
-    schedulers = [Scheduler("none"), Scheduler("asha", a.grace_period, a.reduction_factor)]
     tasks = [(ReplayConfig(s, sch, conc, seed, a.budget, a.pick_at), a.tolerance, fractions)
-             for s in settings for sch in schedulers for conc in a.concurrency for seed in range(a.seeds)]
+             for s, sch in contenders(a) for conc in a.concurrency for seed in range(a.seeds)]
     rows: list[dict] = []
     if a.jobs > 1:
         import multiprocessing
@@ -472,29 +504,64 @@ def run_replay(a: argparse.Namespace) -> dict[str, Any]:
         _init(probs)
         for task in tasks:
             rows.extend(run_task(task))
-    runs = pd.DataFrame(rows).sort_values(["searcher", "scheduler", "concurrency", "seed", "family", "machine_type"])
-    summary = summarise(runs)
+    runs = pd.DataFrame(rows).sort_values(["contender", "concurrency", "seed", "family", "machine_type"])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
     plot(runs, fractions, out / "search_efficiency.png")
     seconds = time.perf_counter() - t0
-    print(f"{len(probs)} table(s): " + ", ".join(f"{p.family}/{p.machine_type} ({len(p.configs)} configurations x "
-                                                 f"{p.epochs} epochs)" for p in probs))
+    sets = runs.groupby("problem_set")["machine_type"].nunique().to_dict()
+    print(f"{len(probs)} table(s): " + ", ".join(f"{k} {v}" for k, v in sets.items()) + "; " + ", ".join(
+        sorted({f"{len(p.configs)} configurations x {p.epochs} epochs" for p in probs})))
     print(f"{len(tasks)} replays x {len(probs)} tables in {seconds:.0f}s; budget {a.budget:g} x the grid's "
           f"trial-epochs; pick at {a.pick_at:.2f} of it; ASHA grace {a.grace_period}, reduction {a.reduction_factor}")
-    print(f"{'searcher':44s} {'conc':>4s}  {'to best: median [IQR]':>24s} {'reached':>7s}  "
-          f"{f'to within {a.tolerance:g}':>22s}  {'steps':>6s}  {'pick report (picked)':>20s}  trials/distinct")
+    return report(runs, out, a.tolerance)
+
+
+def report(runs: pd.DataFrame, out: Path, tolerance: float) -> dict[str, Any]:
+    """``summary.csv`` in ``out``, the table on stdout, and the JSON line's object."""
+    summary = summarise(runs)
+    summary.to_csv(out / "summary.csv", index=False)
+    print(f"{'set':9s} {'contender':34s} {'conc':>4s}  {'to best: median [IQR]':>24s} {'reached':>7s} "
+          f"{f'to within {tolerance:g}':>22s} {'regret@10/25/50%':>17s} {'stopped best':>12s}")
     for r in summary.to_dict("records"):
-        print(f"{r['searcher']:44s} {r['concurrency']:4d}  {_iqr(r, 'fraction_to_best'):>24s} {r['reached_best']:7.0%}  "
-              f"{_iqr(r, 'fraction_to_within'):>22s}  {r['steps_to_best_median']:6.0f}  {r['pick_report_mean']:11.4f} "
-              f"({r['picked']:4.0%})  {r['trials_median']:.0f}/{r['distinct_median']:.0f}")
+        regret = "/".join(f"{r[f'regret_{k}_median']:.3f}" for k in REGRET_KEYS)
+        print(f"{r['problem_set']:9s} {r['searcher']:34s} {r['concurrency']:4d}  {_iqr(r, 'fraction_to_best'):>24s} "
+              f"{r['reached_best']:7.0%} {_iqr(r, 'fraction_to_within'):>22s} {regret:>17s} {r['stopped_best']:12.0%}")
     result: dict[str, dict[str, float | None]] = {}
-    for r in summary.to_dict("records"):
-        v = r["fraction_to_best_median"]
-        result.setdefault(r["searcher"], {})[str(r["concurrency"])] = round(v, 4) if math.isfinite(v) else None
-    return {"fraction_to_grid_best": result, "shipped": SearchSettings().label()}
+    reached: dict[str, dict[str, float]] = {}
+    for (name, conc), g in runs.groupby(["contender", "concurrency"], sort=False):
+        v = float(np.quantile(g["fraction_to_best"].to_numpy(float), 0.5, method="inverted_cdf"))
+        result.setdefault(name, {})[str(conc)] = round(v, 4) if math.isfinite(v) else None
+        reached.setdefault(name, {})[str(conc)] = round(float(np.isfinite(g["fraction_to_best"]).mean()), 4)
+    return {"fraction_to_grid_best": result, "shipped": SearchSettings().label(),
+            "shipped_scheduled": shipped_scheduled(), "reached": reached}
+
+
+def run_summarise(a: argparse.Namespace) -> dict[str, Any]:
+    """Several replays' ``runs.csv`` (e.g. a tournament run in parts) summarised as one."""
+    parts = []
+    for d in a.runs:
+        path = Path(d) / "runs.csv" if Path(d).is_dir() else Path(d)
+        if not path.exists():
+            raise SystemExit(f"{path}: no runs.csv (the --out of a replay)")
+        parts.append(pd.read_csv(path))
+    runs = pd.concat(parts, ignore_index=True)
+    key = ["problem_set", "family", "machine_type", "contender", "concurrency", "seed"]
+    runs = runs.drop_duplicates(key, keep="last")  # a later part's rerun of a replay wins
+    runs["fraction_to_best"] = runs["fraction_to_best"].astype(float)  # CSV writes a never-reached run as inf
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out / "runs.csv", index=False)
+    return report(runs, out, a.tolerance)
+
+
+def tournament_tables(surrogate: str, out: Path, tasks: list[str] | None) -> Path:
+    """LCBench grid tables built from the YAHPO Gym surrogate in ``surrogate`` (``benchmarks/lcbench.py``)."""
+    import lcbench
+
+    lcbench.write_tables(surrogate, out, tasks or lcbench.TASKS)
+    return out
 
 
 def _iqr(r: dict, key: str) -> str:
@@ -685,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    if not argv or argv[0] not in ("record", "replay", "fabricate", "merge"):
+    if not argv or argv[0] not in ("record", "replay", "fabricate", "merge", "summarise"):
         argv = ["replay", *argv]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -703,18 +770,30 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--out-dir", default=str(TABLES), help="where search_<family>.csv.gz go (default benchmarks/tables)")
     rep = sub.add_parser("replay", help="replay the searchers on the tables (the default)")
     rep.add_argument("--tables", nargs="+", default=[str(TABLES / "search_*.csv.gz")])
-    rep.add_argument("--searchers", nargs="+", default=SEARCHERS, help="algorithms, or variants like tpe:warm_start=4")
+    rep.add_argument("--searchers", nargs="+", default=SEARCHERS,
+                     help="algorithms, variants like tpe:warm_start=4, bohb (Ray's TuneBOHB with HyperBandForBOHB), or "
+                          "topk (train every configuration one epoch, then the best to the end)")
+    rep.add_argument("--schedulers", nargs="+", default=["none", "asha"], choices=tournament.SCHEDULERS)
+    rep.add_argument("--tournament", action="store_true",
+                     help=f"every contender: searchers {' '.join(TOURNAMENT)}, every scheduler")
+    rep.add_argument("--lcbench", metavar="DIR", help="add LCBench grid tables built from the YAHPO Gym surrogate in "
+                                                      "DIR (yahpo_data/lcbench; benchmarks/lcbench.py)")
+    rep.add_argument("--lcbench-tasks", nargs="+", help="OpenML task ids (default: benchmarks/lcbench.py's 24)")
     rep.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     rep.add_argument("--seeds", type=int, default=30)
     rep.add_argument("--budget", type=float, default=1.0, help="trial-epochs, as a fraction of the grid's")
     rep.add_argument("--pick-at", type=float, default=1 / 3, help="the pick's budget, as a fraction of the budget")
     rep.add_argument("--tolerance", type=float, default=0.005)
-    rep.add_argument("--grace-period", type=int, default=Scheduler.grace_period)
-    rep.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor)
+    rep.add_argument("--grace-period", type=int, default=Scheduler.model_fields["grace_period"].default)
+    rep.add_argument("--reduction-factor", type=int, default=Scheduler.model_fields["reduction_factor"].default)
     rep.add_argument("--categorical", action="store_true",
                      help="search every axis as a choice (default: float axes log-uniform over the grid's range)")
     rep.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     rep.add_argument("--out", default="results/search_efficiency")
+    summ = sub.add_parser("summarise", help="summarise several replays' runs.csv as one (a tournament run in parts)")
+    summ.add_argument("runs", nargs="+", help="replay --out folders or their runs.csv")
+    summ.add_argument("--tolerance", type=float, default=0.005, help="the --tolerance the replays used")
+    summ.add_argument("--out", default="results/search_efficiency")
     mer = sub.add_parser("merge", help="add the machine types of another record's tables to the committed ones")
     mer.add_argument("src", help="the other record's --out-dir")
     mer.add_argument("--into", default=str(TABLES), help="the tables to extend (default benchmarks/tables)")
@@ -722,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     fab.add_argument("--out", required=True)
     fab.add_argument("--epochs", type=int, default=8)
     a = p.parse_args(argv)
+    if a.command == "replay" and a.tournament:
+        a.searchers, a.schedulers = TOURNAMENT, list(tournament.SCHEDULERS)
     if a.command == "record":
         run_record(a, extra)
     elif a.command == "merge":
@@ -732,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         for fam, axes in DEFAULT_GRIDS.items():
             fabricate(fam, ["fan", "valve"], axes, a.epochs, seed=len(fam)).to_csv(out / f"search_{fam}.csv.gz", index=False)
         print(f"made-up tables in {out}: replay them with --tables '{out}/search_*.csv.gz'")
+    elif a.command == "summarise":
+        print(json.dumps(run_summarise(a)))
     else:
         print(json.dumps(run_replay(a)))
     return 0

@@ -65,9 +65,12 @@ class Resources(Section):
 
 class Scheduler(Section):
     """``scheduler:`` of a preset. ASHA's defaults are measured with ``benchmarks/search_efficiency.py``
-    (README); long trials want a longer grace (the dcase presets: 5 of 100 epochs)."""
+    (docs/benchmarks.md); long trials want a longer grace (the dcase presets: 5 of 100 epochs)."""
 
-    type: Literal["asha", "none"] = Field("none", description="asha (Tune's ASHAScheduler) or none")
+    type: Literal["promote", "asha", "hyperband", "none"] = Field(
+        "none", description="promote (ASHA by promotion: a trial below a rung's cutoff pauses and resumes when it "
+                            "ranks in the top fraction; raysd.schedulers), asha (Tune's ASHAScheduler: it stops), "
+                            "hyperband (Tune's HyperBandScheduler) or none")
     grace_period: Positive = Field(2, description="ASHA: epochs every trial trains before it may be stopped")
     reduction_factor: Annotated[int, Field(ge=2), BeforeValidator(no_bool)] = Field(
         3, description="ASHA: 1 in this many trials moves on at each rung")

@@ -13,16 +13,15 @@ which replaces the preset's for that entry. The algorithms:
 - ``tpe_default``: ``TPESampler(seed=seed)`` and nothing else, the sampler raysd shipped before the options
   existed, with Ray's handling of trials the scheduler stops (told to Optuna as complete);
 - ``random``: Optuna's ``RandomSampler(seed=seed)``, persisted and resumable like TPE;
+- ``gp``: Optuna's ``GPSampler`` (Gaussian-process Bayesian optimisation), ``cmaes``: Optuna's ``CmaEsSampler``
+  (categorical keys sampled independently), both after the same random start-up as ``tpe``;
 - ``grid``: every combination of the space's choices (every searched key must be a ``choice``), as Ray Tune's
   ``grid_search``, without a searcher; a study trains ``grid size x num_samples`` trials (``num_samples``
   defaults to 1).
 
 ``raysd.searchers`` turns these settings into the sampler, searcher and scheduler of a study; the search
-benchmark (``benchmarks/search_efficiency.py``) replays the same objects on recorded learning curves. On the
-committed tables the defaults reach the grid's best in the same median share of the grid's trial-epochs as
-``tpe_default``, ``random`` and the grid in random order (0.64 at 8 trials at once; about 0.49 with ASHA), and a
-study allowed 32 trials at once does no better than random; the README has the figures and why no setting does
-much better there.
+benchmark (``benchmarks/search_efficiency.py``) replays the same objects on recorded learning curves and on LCBench,
+and chose the defaults (its figures and commands: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from pydantic import Field, ValidationError
 
 from raysd.typed import FORBID, Bool, NonNegative, adapter, config_fields
 
-Algorithm = Literal["tpe", "tpe_default", "random", "grid"]
+Algorithm = Literal["tpe", "tpe_default", "random", "grid", "gp", "cmaes"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 STOPPED_TRIALS = ("pruned", "complete")
 TPE_KEYS = ("n_startup_trials", "multivariate", "constant_liar", "stopped_trials")  # options of algorithm tpe only
@@ -57,8 +56,9 @@ class SearchSettings:
     __pydantic_config__ = FORBID
 
     algorithm: Annotated[Algorithm, Field(description="tpe (Optuna's TPE with the options below), tpe_default "
-                                                      "(TPESampler(seed) alone), random, or grid (every combination of "
-                                                      "the space's choices)")] = "tpe"
+                                                      "(TPESampler(seed) alone), random, grid (every combination of "
+                                                      "the space's choices), gp (Optuna's GPSampler) or cmaes "
+                                                      "(Optuna's CmaEsSampler)")] = "tpe"
     n_startup_trials: Annotated[NonNegative | Literal["auto"], Field(
         description="tpe: random trials before TPE models the results; auto: a quarter of the study's trials, 2 to 10"
     )] = AUTO

@@ -51,6 +51,11 @@ def make_sampler(settings: SearchSettings, num_samples: int, seed: int):
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.algorithm == "tpe_default":
         return optuna.samplers.TPESampler(seed=seed)
+    if settings.algorithm == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials(num_samples))
+    if settings.algorithm == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=settings.startup_trials(num_samples),
+                                            warn_independent_sampling=False)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials(num_samples),
                                       multivariate=settings.multivariate, constant_liar=settings.constant_liar)
 
@@ -103,10 +108,20 @@ def optuna_storage_url(experiment: str, study: str, override: str | None) -> str
 
 
 def make_scheduler(scheduler: Scheduler, epochs: int):
-    """The study's trial scheduler: ASHA on ``training_iteration`` (one per epoch) up to ``epochs``, or ``None``.
-    Tune hands it the metric and mode through ``set_search_properties``."""
-    from ray.tune.schedulers import ASHAScheduler
+    """The study's trial scheduler on ``training_iteration`` (one per epoch) up to ``epochs``: ASHA by promotion
+    (:class:`raysd.schedulers.PromotionASHA`), Tune's stopping ASHA, HyperBand, or ``None``. Tune hands it the
+    metric and mode through ``set_search_properties``."""
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
 
+    if scheduler.type == "promote":
+        from raysd.schedulers import PromotionASHA
+
+        return PromotionASHA(time_attr="training_iteration", max_t=epochs,
+                             grace_period=min(scheduler.grace_period, epochs),
+                             reduction_factor=scheduler.reduction_factor)
+    if scheduler.type == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=epochs,
+                                  reduction_factor=scheduler.reduction_factor)
     if scheduler.type != "asha":
         return None
     return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(scheduler.grace_period, epochs),

@@ -83,6 +83,8 @@ class OptunaSearcher(Searcher):
         self.points = [self._encode(p) for p in points]
         self.epochs, self.stopped_as_pruned = epochs, stopped_as_pruned
         self.running: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+        self.paused: set[str] = set()  # running trials a scheduler paused (they hold no resources)
+        self.max_concurrent = 0  # Tune's max_concurrent_trials (0: no limit)
         self._study: optuna.Study | None = None
         self._trials: dict[str, optuna.trial.Trial] = {}  # asked in this process: they take intermediate values
 
@@ -108,7 +110,23 @@ class OptunaSearcher(Searcher):
         """Accepted as they are: the searcher was made with the study's metric, mode and space."""
         return True
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Tune's ``max_concurrent_trials``, kept here rather than by Tune's ``ConcurrencyLimiter``: a trial that a
+        scheduler paused (:meth:`on_pause`) does not count, so a scheduler that pauses trials at rungs never starves
+        the study of new ones."""
+        self.max_concurrent = int(max_concurrent)
+        return True
+
+    def on_pause(self, trial_id: str) -> None:
+        if trial_id in self.running:
+            self.paused.add(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self.paused.discard(trial_id)
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.max_concurrent and len(self.running) - len(self.paused) >= self.max_concurrent:
+            return None
         trial = self.study.ask(self.space)
         self.running[trial_id], self._trials[trial_id] = trial.number, trial
         return self._decode(trial.params)
@@ -121,6 +139,7 @@ class OptunaSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         number = self.running.pop(trial_id, None)
         trial = self._trials.pop(trial_id, None)
+        self.paused.discard(trial_id)
         if number is None:
             return
         result = result or {}
@@ -156,7 +175,7 @@ class OptunaSearcher(Searcher):
         return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_trials")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"paused": set(), "max_concurrent": 0, **state})
         self._study, self._trials = None, {}
 
     def save(self, checkpoint_path: str) -> None:

@@ -16,7 +16,7 @@ TORCHVISION="${TORCHVISION:-0.29.1}"
 TORCHAUDIO="${TORCHAUDIO:-2.11.1}"
 venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q "torch==$TORCH" "torchvision==$TORCHVISION" "torchaudio==$TORCHAUDIO" -e ".[test,bench,aws,gcp]"
+"$venv/bin/pip" install -q "torch==$TORCH" "torchvision==$TORCHVISION" "torchaudio==$TORCHAUDIO" -e ".[test,bench,tournament,aws,gcp,mlflow,wandb,docs]"
 "$venv/bin/python" -m raysd.doctor --quick
 {
   echo "# Tested dependency set for raysd: install with  pip install -c constraints.txt -e \".[test]\""

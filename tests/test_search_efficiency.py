@@ -29,7 +29,7 @@ _spec.loader.exec_module(se)
 
 AXES = {"lr": [1e-4, 1e-3, 1e-2], "batch_size": [128, 256], "bottleneck": [4, 8]}  # 12 configurations
 SEARCHERS = ["grid", "random", "tpe_default", "tpe", "tpe:warm_start=2,max_concurrent_per_study=2"]
-ASHA = Scheduler("asha", 1, 2)
+ASHA = Scheduler(type="asha", grace_period=1, reduction_factor=2)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_suggested_learning_rate_trains_the_nearest_recorded_one(problems: lis
 @pytest.mark.parametrize("searcher", SEARCHERS)
 def test_every_searcher_runs_within_its_budget(problems: list, searcher: str) -> None:
     settings = se.parse_searcher(searcher)
-    for scheduler in (Scheduler("none"), ASHA):
+    for scheduler in (Scheduler(type="none"), ASHA):
         for concurrency in (1, 4):
             for seed in (0, 1):
                 cfg = se.ReplayConfig(settings, scheduler, concurrency, seed, budget=0.75)
@@ -89,9 +89,9 @@ def test_a_full_grid_finds_the_best_and_asha_stops_trials(problems: list) -> Non
     grid = se.parse_searcher("grid")
     for concurrency in (1, 4):
         for p in problems:
-            run = se.replay(p, se.ReplayConfig(grid, Scheduler("none"), concurrency, 0), stop_when_done=False)
+            run = se.replay(p, se.ReplayConfig(grid, Scheduler(type="none"), concurrency, 0), stop_when_done=False)
             assert run.used == run.budget == p.grid_epochs and run.trials == len(run.configs) == 12
-            row = se.measure(p, se.ReplayConfig(grid, Scheduler("none"), concurrency, 0), run, 0.005, np.zeros(1))
+            row = se.measure(p, se.ReplayConfig(grid, Scheduler(type="none"), concurrency, 0), run, 0.005, np.zeros(1))
             assert row["fraction_to_best"] <= 1.0 and row["pick_config"] is not None
             stopped = se.replay(p, se.ReplayConfig(grid, ASHA, concurrency, 0), stop_when_done=False)
             assert stopped.trials == 12 and stopped.used < p.grid_epochs  # ASHA stopped some trials early
@@ -117,7 +117,7 @@ def test_the_replay_drives_the_searcher_a_study_uses(problems: list) -> None:
         se.make_searcher = original
     states = {t.state for t in captured["s"].study.trials}
     assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
-    warm = se.ReplayConfig(se.parse_searcher("tpe:warm_start=2"), Scheduler("none"), 1, 0)
+    warm = se.ReplayConfig(se.parse_searcher("tpe:warm_start=2"), Scheduler(type="none"), 1, 0)
     points = se.warm_points(p, warm, problems[1:], 12)  # the best of the same search on the other machine type
     assert len(points) == 2 and all(pt in p.configs for pt in points)
     assert se.make_searcher(p, warm, 12, points).study.trials[0].system_attrs["fixed_params"] == points[0]
@@ -128,11 +128,14 @@ def test_the_cli_prints_the_json_shape(tables: Path, tmp_path: Path, capsys) -> 
     assert se.main(["--tables", str(tables / "search_*.csv.gz"), "--seeds", "2", "--concurrency", "1", "4",
                     "--searchers", "grid", "tpe", "--out", str(out)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"fraction_to_grid_best", "shipped"} and last["shipped"] == "tpe"
+    assert set(last) == {"fraction_to_grid_best", "shipped", "shipped_scheduled", "reached"}
+    assert last["shipped"] == "tpe" and last["shipped_scheduled"] == se.shipped_scheduled()
+    assert last["shipped_scheduled"].startswith(last["shipped"])
     assert set(last["fraction_to_grid_best"]) == {"grid", "grid+asha", "tpe", "tpe+asha"}
     for per in last["fraction_to_grid_best"].values():
         assert set(per) == {"1", "4"} and all(v is None or 0 < v <= 1 for v in per.values())
     assert last["fraction_to_grid_best"]["grid"]["1"] is not None  # a full grid always finds its best
+    assert last["reached"]["grid"] == {"1": 1.0, "4": 1.0} and set(last["reached"]) == set(last["fraction_to_grid_best"])
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 2 * 2 * 2 * 2 * 2 and (runs["used"] <= runs["budget"]).all()
     assert (out / "summary.csv").exists() and (out / "search_efficiency.png").stat().st_size > 0
