@@ -538,6 +538,30 @@ def report(runs: pd.DataFrame, out: Path, tolerance: float) -> dict[str, Any]:
             "shipped_scheduled": shipped_scheduled(), "reached": reached}
 
 
+def markdown(summary: pd.DataFrame, problem_set: str) -> str:
+    """One problem set's summary as a Markdown table: per contender and concurrency, the median fraction of the
+    grid's trial-epochs to reach its best and the share of runs that did (the README's tournament table)."""
+    sub = summary[summary["problem_set"] == problem_set]
+    concs = sorted(sub["concurrency"].unique())
+    lines = ["| contender | " + " | ".join(f"concurrency {c}" for c in concs) + " | stopped best (8) |",
+             "|---" * (len(concs) + 2) + "|"]
+    for name, g in sub.groupby("searcher", sort=True):
+        cells = []
+        for c in concs:
+            r = g[g["concurrency"] == c]
+            if r.empty:
+                cells.append("")
+                continue
+            r0 = r.iloc[0]
+            med = r0["fraction_to_best_median"]
+            cells.append(f"{med:.3f} ({r0['reached_best']:.0%})" if math.isfinite(med)
+                         else f"- ({r0['reached_best']:.0%})")
+        at8 = g[g["concurrency"] == 8]
+        stopped = f"{at8.iloc[0]['stopped_best']:.0%}" if not at8.empty else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {stopped} |")
+    return "\n".join(lines)
+
+
 def run_summarise(a: argparse.Namespace) -> dict[str, Any]:
     """Several replays' ``runs.csv`` (e.g. a tournament run in parts) summarised as one."""
     parts = []
@@ -553,7 +577,14 @@ def run_summarise(a: argparse.Namespace) -> dict[str, Any]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
-    return report(runs, out, a.tolerance)
+    result = report(runs, out, a.tolerance)
+    if a.markdown:
+        summary = pd.read_csv(out / "summary.csv")
+        for pset in summary["problem_set"].unique():
+            print(f"\n{pset}: median fraction of the grid's trial-epochs to finish its best (share of runs that did)\n")
+            print(markdown(summary, pset))
+        print()
+    return result
 
 
 def tournament_tables(surrogate: str, out: Path, tasks: list[str] | None) -> Path:
@@ -794,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     summ.add_argument("runs", nargs="+", help="replay --out folders or their runs.csv")
     summ.add_argument("--tolerance", type=float, default=0.005, help="the --tolerance the replays used")
     summ.add_argument("--out", default="results/search_efficiency")
+    summ.add_argument("--markdown", action="store_true", help="also print each problem set's table as Markdown")
     mer = sub.add_parser("merge", help="add the machine types of another record's tables to the committed ones")
     mer.add_argument("src", help="the other record's --out-dir")
     mer.add_argument("--into", default=str(TABLES), help="the tables to extend (default benchmarks/tables)")

@@ -139,6 +139,12 @@ def test_the_cli_prints_the_json_shape(tables: Path, tmp_path: Path, capsys) -> 
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 2 * 2 * 2 * 2 * 2 and (runs["used"] <= runs["budget"]).all()
     assert (out / "summary.csv").exists() and (out / "search_efficiency.png").stat().st_size > 0
+    # summarise joins replays run in parts (a part given twice counts once) into the same figures, and --markdown
+    # prints each problem set's table
+    assert se.main(["summarise", str(out), str(out / "runs.csv"), "--out", str(tmp_path / "joined"), "--markdown"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == last and len(pd.read_csv(tmp_path / "joined" / "runs.csv")) == len(runs)
+    assert "| tpe+asha | " in "\n".join(printed) and "| contender | concurrency 1 | concurrency 4 |" in "\n".join(printed)
 
 
 def test_record_reads_every_epoch_of_every_trial(tmp_path: Path) -> None:
