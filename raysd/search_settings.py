@@ -2,19 +2,22 @@
 
 ::
 
+    search: {algorithm: gp, max_concurrent_per_study: 0, warm_start: 0}
     search: {algorithm: tpe, n_startup_trials: auto, multivariate: true, constant_liar: true,
              stopped_trials: pruned, max_concurrent_per_study: 0, warm_start: 0}
 
 ``search: grid`` is short for ``search: {algorithm: grid}``. A family entry may carry a ``search:`` of its own,
 which replaces the preset's for that entry. The algorithms:
 
-- ``tpe`` (the default): Optuna's ``TPESampler`` with the options below made explicit, so the search does not
-  change with the installed Optuna (its own defaults moved between 4.x and 5.x);
+- ``gp`` (the default): Optuna's ``GPSampler`` (Gaussian-process Bayesian optimisation) after a random start-up
+  of a quarter of the study's trials (2 to 10), the search tournament's winner on LCBench
+  (``benchmarks/search_efficiency.py``);
+- ``tpe``: Optuna's ``TPESampler`` with the options below made explicit, so the search does not change with the
+  installed Optuna (its own defaults moved between 4.x and 5.x);
 - ``tpe_default``: ``TPESampler(seed=seed)`` and nothing else, the sampler raysd shipped before the options
   existed, with Ray's handling of trials the scheduler stops (told to Optuna as complete);
 - ``random``: Optuna's ``RandomSampler(seed=seed)``, persisted and resumable like TPE;
-- ``gp``: Optuna's ``GPSampler`` (Gaussian-process Bayesian optimisation), ``cmaes``: Optuna's ``CmaEsSampler``
-  (categorical keys sampled independently), both after the same random start-up as ``tpe``;
+- ``cmaes``: Optuna's ``CmaEsSampler`` (categorical keys sampled independently), after the same random start-up;
 - ``grid``: every combination of the space's choices (every searched key must be a ``choice``), as Ray Tune's
   ``grid_search``, without a searcher; a study trains ``grid size x num_samples`` trials (``num_samples``
   defaults to 1).
@@ -55,12 +58,13 @@ class SearchSettings:
 
     __pydantic_config__ = FORBID
 
-    algorithm: Annotated[Algorithm, Field(description="tpe (Optuna's TPE with the options below), tpe_default "
-                                                      "(TPESampler(seed) alone), random, grid (every combination of "
-                                                      "the space's choices), gp (Optuna's GPSampler) or cmaes "
-                                                      "(Optuna's CmaEsSampler)")] = "tpe"
+    algorithm: Annotated[Algorithm, Field(description="gp (Optuna's GPSampler), tpe (Optuna's TPE with the options "
+                                                      "below), tpe_default (TPESampler(seed) alone), random, grid "
+                                                      "(every combination of the space's choices) or cmaes (Optuna's "
+                                                      "CmaEsSampler)")] = "gp"
     n_startup_trials: Annotated[NonNegative | Literal["auto"], Field(
-        description="tpe: random trials before TPE models the results; auto: a quarter of the study's trials, 2 to 10"
+        description="tpe: random trials before TPE models the results (gp, cmaes: auto); auto: a quarter of the "
+                    "study's trials, 2 to 10"
     )] = AUTO
     multivariate: Annotated[Bool, Field(description="tpe: one joint Parzen model over every key, not one per key")] = True
     constant_liar: Annotated[Bool, Field(description="tpe: running trials count as bad results, so concurrent "

@@ -184,12 +184,12 @@ def test_an_entrys_search_replaces_the_presets(tmp_path: Path) -> None:
     preset = load_preset(path)
     assert preset.families["dense_ae"].search.label() == "tpe:n_startup_trials=3"
     assert preset.families["dense_ae"].num_samples == 4 and preset.families["grid_ae"].trials() == 6
-    assert load_preset(_write(tmp_path, {"space": SPACE})).families["dense_ae"].search.label() == "tpe"
+    assert load_preset(_write(tmp_path, {"space": SPACE})).families["dense_ae"].search.label() == "gp"  # the default
 
 
 @pytest.mark.parametrize("settings, n_startup, multivariate, liar, pruned", [
-    ({}, 4, True, True, True),  # auto: a quarter of the 16 trials
-    ({"n_startup_trials": 7, "multivariate": False, "constant_liar": False, "stopped_trials": "complete"},
+    ({"algorithm": "tpe"}, 4, True, True, True),  # auto: a quarter of the 16 trials
+    ({"algorithm": "tpe", "n_startup_trials": 7, "multivariate": False, "constant_liar": False, "stopped_trials": "complete"},
      7, False, False, False),
     ({"algorithm": "tpe_default"}, 10, None, True, False),  # TPESampler(seed) alone: Optuna's defaults
 ])
@@ -205,6 +205,14 @@ def test_search_settings_reach_the_sampler_and_searcher(tmp_path: Path, settings
     assert sampler._multivariate is multivariate and sampler._constant_liar is liar
     assert searcher.stopped_as_pruned is pruned and searcher.epochs == 5
     assert config.max_concurrent_trials == 8 and config.reuse_actors  # one worker: the trial process is reused
+
+
+def test_the_default_search_is_optunas_gp_sampler(tmp_path: Path) -> None:
+    import optuna
+
+    preset = load_preset(_write(tmp_path, {"space": SPACE, "num_samples": 16}))
+    sampler = _config(tmp_path, preset, 16, 5, 8)[1].search_alg.sampler
+    assert isinstance(sampler, optuna.samplers.GPSampler) and sampler._n_startup_trials == 4  # auto, as for tpe
 
 
 def test_random_search_cap_and_warm_points_reach_the_tuner(tmp_path: Path) -> None:

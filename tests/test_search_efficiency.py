@@ -99,7 +99,7 @@ def test_a_full_grid_finds_the_best_and_asha_stops_trials(problems: list) -> Non
 
 def test_the_replay_drives_the_searcher_a_study_uses(problems: list) -> None:
     p = problems[0]
-    cfg = se.ReplayConfig(SearchSettings(), ASHA, 2, 0)
+    cfg = se.ReplayConfig(se.parse_searcher("tpe"), ASHA, 2, 0)
     searcher = se.make_searcher(p, cfg, 16, [])
     assert isinstance(searcher, OptunaSearcher) and searcher.sampler._n_startup_trials == 4
     assert searcher.stopped_as_pruned and searcher.epochs == p.epochs
@@ -129,7 +129,7 @@ def test_the_cli_prints_the_json_shape(tables: Path, tmp_path: Path, capsys) -> 
                     "--searchers", "grid", "tpe", "--out", str(out)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"fraction_to_grid_best", "shipped", "shipped_scheduled", "reached"}
-    assert last["shipped"] == "tpe" and last["shipped_scheduled"] == se.shipped_scheduled()
+    assert last["shipped"] == SearchSettings().label() == "gp" and last["shipped_scheduled"] == se.shipped_scheduled()
     assert last["shipped_scheduled"].startswith(last["shipped"])
     assert set(last["fraction_to_grid_best"]) == {"grid", "grid+asha", "tpe", "tpe+asha"}
     for per in last["fraction_to_grid_best"].values():

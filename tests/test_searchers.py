@@ -13,6 +13,7 @@ from raysd import artifacts, searchers
 from raysd.presets import FamilySearch
 from raysd.search_settings import SearchSettings, read_settings
 
+TPE = read_settings("tpe")  # the tests of TPE's options (the default search is gp)
 SPACE = {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [128, 256]}, "epochs": 4}
 
 
@@ -42,7 +43,7 @@ def _run(s, trial_id: str, values: list[float], epochs: int = 4, report_epoch: i
 @pytest.mark.parametrize("stopped, state", [("pruned", optuna.trial.TrialState.PRUNED),
                                             ("complete", optuna.trial.TrialState.COMPLETE)])
 def test_a_trial_stopped_early_is_told_pruned_with_its_last_value(stopped: str, state) -> None:
-    s = _searcher(read_settings({"stopped_trials": stopped}))
+    s = _searcher(read_settings({"algorithm": "tpe", "stopped_trials": stopped}))
     _run(s, "stopped", [0.6, 0.7])  # ASHA stopped it after 2 of 4 epochs
     _run(s, "finished", [0.5, 0.55, 0.6, 0.65])
     _run(s, "ended", [0.8], report_epoch=4)  # a resumed trial that had ended reports its last epoch once
@@ -67,7 +68,7 @@ def test_errors_and_tpe_default_keep_rays_handling() -> None:
 def test_infeasible_and_diverged_configurations_are_pruned_where_they_ended() -> None:
     """TPE counts them among the bad configurations (a FAIL would leave it free to propose them again), a diverged
     one ranked by how far it got."""
-    s = _searcher(SearchSettings())
+    s = _searcher(TPE)
     s.suggest("infeasible")
     s.on_trial_complete("infeasible", {"sel_auc": math.nan, "epoch": 0, "infeasible": "needs at least 2 classes"})
     s.suggest("diverged")
@@ -95,13 +96,14 @@ def test_grid_has_no_searcher_and_random_is_optunas() -> None:
 
 @pytest.mark.parametrize("num_samples, startup", [(4, 2), (12, 3), (16, 4), (36, 9), (100, 10)])
 def test_auto_startup_trials_scale_with_the_study(num_samples: int, startup: int) -> None:
-    assert SearchSettings().startup_trials(num_samples) == startup
-    assert read_settings({"n_startup_trials": 5}).startup_trials(num_samples) == 5
+    assert SearchSettings().startup_trials(num_samples) == startup == TPE.startup_trials(num_samples)
+    assert read_settings({"algorithm": "tpe", "n_startup_trials": 5}).startup_trials(num_samples) == 5
 
 
 def test_labels_name_what_differs_from_the_defaults() -> None:
-    assert read_settings(None).label() == "tpe" and read_settings("random").label() == "random"
-    assert read_settings({"constant_liar": False, "warm_start": 2}).label() == "tpe:constant_liar=false,warm_start=2"
+    assert read_settings(None).label() == "gp" and read_settings("random").label() == "random"
+    assert read_settings({"algorithm": "tpe", "constant_liar": False, "warm_start": 2}).label() == \
+        "tpe:constant_liar=false,warm_start=2"
 
 
 def test_the_study_cap_limits_its_share() -> None:
@@ -146,7 +148,7 @@ def test_warm_start_reads_the_finished_trials_of_finished_siblings(tmp_path: Pat
     with caplog.at_level("INFO"):
         assert searchers.warm_start(spec, search, str(exp), "valve__dense_ae", []) == []
     assert "no finished sibling study" in caplog.text
-    off = searchers.SearcherSpec(SearchSettings(), "sel_auc", "max", 3, 4)
+    off = searchers.SearcherSpec(TPE, "sel_auc", "max", 3, 4)
     assert searchers.warm_start(off, search, str(exp), "valve__dense_ae", ["fan__dense_ae"]) == []
 
 
@@ -154,13 +156,13 @@ def test_a_resumed_searcher_told_again_of_a_stopped_trial_keeps_going(tmp_path: 
     """Tune's snapshot predates Optuna pruning the trial: the resumed searcher is told of it again, and fails the
     trial it asked for after the snapshot (no Tune trial will ever report it)."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    first = _searcher(SearchSettings(), url=url)
+    first = _searcher(TPE, url=url)
     first.suggest("t1")
     first.save(str(tmp_path / "snapshot.pkl"))
     first.suggest("t-after-the-snapshot")
     result = {"sel_auc": 0.7, "training_iteration": 1, "epoch": 1}
     first.on_trial_complete("t1", result)  # stopped after its first epoch
-    resumed = _searcher(SearchSettings(), url=url)
+    resumed = _searcher(TPE, url=url)
     resumed.restore(str(tmp_path / "snapshot.pkl"))
     resumed.on_trial_complete("t1", result)
     assert "lr" in resumed.suggest("t2")
@@ -173,11 +175,11 @@ def test_points_are_the_searchers_first_trials_and_a_resume_does_not_repeat_them
     are not enqueued again."""
     points = [{"lr": 1e-3, "batch_size": 256}, {"lr": 3e-4, "batch_size": 128}]
     url = f"sqlite:///{tmp_path / 's.db'}"
-    first = _searcher(SearchSettings(), url=url, points=points)
+    first = _searcher(TPE, url=url, points=points)
     got = [first.suggest("t1")]
     first.on_trial_complete("t1", {"sel_auc": 0.7, "training_iteration": 4, "epoch": 4})
     first.save(str(tmp_path / "snapshot.pkl"))  # Tune's snapshot; then the driver stops
-    resumed = _searcher(SearchSettings(), url=url, points=points)
+    resumed = _searcher(TPE, url=url, points=points)
     resumed.restore(str(tmp_path / "snapshot.pkl"))
     got += [resumed.suggest(f"t{i}") for i in (2, 3, 4)]
     assert got[:2] == points and got[2] not in points and got[3] not in points
