@@ -112,7 +112,8 @@ def test_plan_of_dataset_scope_and_first_shot_studies(tmp_path: Path, tiny23_roo
     dense = {"all__dense_ae": ("dense_ae", "all", ("fan", "valve"), "first_shot")} if first_shot else {
         f"{mt}__dense_ae": ("dense_ae", mt, (), "machine_type") for mt in ("fan", "valve")}
     assert studies == {**dense, "all__id_classifier": ("id_classifier", "all", ("fan", "valve"), "dataset")}
-    assert plan.num_samples["all__id_classifier"] == 3
+    job = next(s for s in plan.studies if s.study == "all__id_classifier")
+    assert plan.num_samples[job.study] is None and plan.trials(job) == 3  # no --num-samples: the entry's budget
     planning.print_plan(plan, {"dense_ae": 1, "id_classifier": 1}, args)
     out = capsys.readouterr().out
     assert "all__id_classifier" in out and "dataset" in out and "(machine types: fan, valve)" in out
