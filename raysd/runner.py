@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not plan.studies:
         print("error: no study can train on this data (see the lines 'dropped:' above)", file=sys.stderr)
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises here, whatever a library installed
     try:
         with attached_ray():
             return run_search(plan, args, epochs)
@@ -191,7 +194,8 @@ def run_search(plan: Plan, args: argparse.Namespace, epochs: dict[str, int]) -> 
             run = StudyRun(preset, search, plan.num_samples[job.study], epochs[job.search_entry], per_study[job.study],
                            seed, args.optuna_storage, args.resume, warm, tuple(args.tracking))
             running[remote.remote(job, run)] = job
-        done, _ = ray.wait(list(running), num_returns=1)
+        # a short timeout hands control back to Python every second, so Ctrl-C is acted on while studies run
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
         for ref in done:
             job = running.pop(ref)
             try:
