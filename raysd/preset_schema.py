@@ -64,16 +64,18 @@ class Resources(Section):
 
 
 class Scheduler(Section):
-    """``scheduler:`` of a preset. ASHA's defaults are measured with ``benchmarks/search_efficiency.py``
-    (docs/benchmarks.md); long trials want a longer grace (the dcase presets: 5 of 100 epochs)."""
+    """``scheduler:`` of a preset: when a study gives up on a trial (docs/searching.md). The shipped presets use
+    none, as measured by ``benchmarks/search_efficiency.py`` (docs/benchmarks.md); long trials want a longer grace
+    than the default (``promote`` with 5 of 100 epochs for the DCASE presets' trials)."""
 
     type: Literal["promote", "asha", "hyperband", "none"] = Field(
         "none", description="promote (ASHA by promotion: a trial below a rung's cutoff pauses and resumes when it "
                             "ranks in the top fraction; raysd.schedulers), asha (Tune's ASHAScheduler: it stops), "
                             "hyperband (Tune's HyperBandScheduler) or none")
-    grace_period: Positive = Field(2, description="ASHA: epochs every trial trains before it may be stopped")
+    grace_period: Positive = Field(2, description="promote, asha: epochs every trial trains before it may be paused "
+                                                  "or stopped (the first rung)")
     reduction_factor: Annotated[int, Field(ge=2), BeforeValidator(no_bool)] = Field(
-        3, description="ASHA: 1 in this many trials moves on at each rung")
+        3, description="promote, asha, hyperband: 1 in this many trials moves on at each rung")
 
 
 class Dataset(Section):
