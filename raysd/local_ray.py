@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ log = module_logger(__name__, __spec__)
 INSTANCE_FILE = "instance.json"
 USERS_DIR = "users"
 START_TIMEOUT_S = 300.0
+START_ATTEMPTS = 3
+PORT_RANGE = (20000, 32768)  # the instance's own servers: see _free_port
 STOP_TIMEOUT_S = 60.0
 PORT_FLAGS = ("dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port", "metrics-export-port")  # free ones: another Ray's fixed defaults may be taken
@@ -72,10 +75,28 @@ def alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    """The lowest port the OS hands out to outgoing connections (Linux's setting; 32768 elsewhere, below BSD's)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_port(rng: random.Random) -> int:
+    """A port free on every address, between Ray's worker ports (10002-19999 by default) and the OS's ephemeral
+    range: the Ray processes starting up open hundreds of outgoing connections, which the OS numbers from the
+    ephemeral range, so a port chosen there may be taken by one of them before Ray's server binds it."""
+    low, high = PORT_RANGE[0], min(PORT_RANGE[1], _ephemeral_low())
+    for _ in range(200):
+        port = rng.randrange(low, high) if high > low else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise LocalRayError(f"no free port between {low} and {high} for the local Ray instance")
 
 
 def _read(folder: Path) -> Instance | None:
@@ -122,23 +143,64 @@ def running_head() -> str | None:
 
 
 def start(folder: Path, num_cpus: int) -> Instance:
-    """Start the instance with ``num_cpus`` logical CPUs; returns once drivers can connect."""
+    """Start the instance with ``num_cpus`` logical CPUs; returns once drivers can connect.
+
+    A ``ray start`` that exits before its head is up (a port taken between choosing it and binding it, a helper
+    that did not come up on a loaded machine) is tried again with fresh ports, up to ``START_ATTEMPTS`` times; the
+    error names the command and quotes the end of its log."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_once(folder, num_cpus)
+        except _StartFailed as e:
+            if attempt == START_ATTEMPTS or e.timed_out:
+                raise LocalRayError(f"the local Ray instance did not start after {attempt} attempt(s) "
+                                    f"(`{' '.join(e.cmd)}`); the end of its log ({e.log_path}):\n{e.tail}") from None
+            log.warning(f"the local Ray instance did not start (attempt {attempt} of {START_ATTEMPTS}); trying again "
+                        f"with other ports. The end of its log ({e.log_path}):\n{e.tail}")
+    raise AssertionError("unreachable")
+
+
+class _StartFailed(Exception):
+    def __init__(self, cmd: list[str], log_path: Path, tail: str, timed_out: bool) -> None:
+        super().__init__(tail)
+        self.cmd, self.log_path, self.tail, self.timed_out = cmd, log_path, tail, timed_out
+
+
+def _log_tail(log_path: Path, offset: int, lines: int = 15) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError as e:
+        return f"(unreadable: {e})"
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"
+
+
+def _start_once(folder: Path, num_cpus: int) -> Instance:
     temp = ray_temp_dir()
     address_file = temp / "ray_current_cluster"  # written by `ray start` once the head is up
-    port = _free_port()
+    rng = random.Random()
+    port = _free_port(rng)
     log_path = folder / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYSD_") and k not in FORWARDED_ENV}
+    ports = {port}
+    while len(ports) < 1 + len(PORT_FLAGS):  # distinct: the OS may hand back a port it just gave out
+        ports.add(_free_port(rng))
     cmd = [*ray_command(), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
-           *(f"--{flag}={_free_port()}" for flag in PORT_FLAGS)]
+           *(f"--{flag}={p}" for flag, p in zip(PORT_FLAGS, sorted(ports - {port}), strict=True))]
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not (address_file.exists() and address_file.read_text().strip().endswith(f":{port}")):
-        if proc.poll() is not None or time.monotonic() > deadline:
+        exited, timed_out = proc.poll() is not None, time.monotonic() > deadline
+        if exited or timed_out:
             stop(Instance("", proc.pid, str(temp)))
-            raise LocalRayError(f"the local Ray instance did not start (`{' '.join(cmd)}`); its log: {log_path}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reap it
+            raise _StartFailed(cmd, log_path, _log_tail(log_path, offset), timed_out and not exited)
         time.sleep(0.2)
     inst = Instance(address_file.read_text().strip(), proc.pid, str(temp))
     atomic_write_text(folder / INSTANCE_FILE, json.dumps(asdict(inst)))
