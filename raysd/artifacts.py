@@ -329,11 +329,35 @@ class TypeModel:
         return sorted(self.threshold)
 
 
-def _resolve(uri: str, base: str) -> str:
-    """Checkpoint paths relative to the ensemble file's folder are allowed (a copied results folder)."""
-    if storage.is_remote(uri) or os.path.isabs(uri) or storage.exists(uri):
+def report_path(uri: str, folder: str | os.PathLike) -> str:
+    """A local path as a report in ``folder`` names it: relative to that folder, so that no report names a machine's
+    folders and a results folder moved together with its experiment still finds the checkpoints. A remote URI (or
+    an empty value) is kept as it is."""
+    if not uri or storage.is_remote(uri) or storage.is_remote(folder):
         return uri
-    return str(Path(base).parent / uri)
+    return Path(os.path.relpath(os.path.abspath(uri), os.path.abspath(folder))).as_posix()
+
+
+def portable_document(doc: dict, folder: str | os.PathLike) -> dict:
+    """An ensemble document to be written into ``folder``, with its experiment and members' checkpoints named by
+    :func:`report_path`; :func:`load_member` resolves them against the file's folder."""
+    out = {**doc}
+    if isinstance(out.get("experiment"), str):
+        out["experiment"] = report_path(out["experiment"], folder)
+    out["machine_types"] = {
+        mt: {**entry, "members": [{**m, **{k: report_path(str(m[k]), folder) for k in ("checkpoint", "state")
+                                           if m.get(k)}} for m in entry["members"]]}
+        for mt, entry in doc["machine_types"].items()}
+    return out
+
+
+def _resolve(uri: str, base: str) -> str:
+    """A member's checkpoint path: absolute or remote as written, or relative to the ensemble file's folder (as the
+    leaderboard writes it); a relative path that is not there is tried from the working folder."""
+    if storage.is_remote(uri) or os.path.isabs(uri):
+        return uri
+    beside = storage.join(str(base).rsplit("/", 1)[0], uri) if storage.is_remote(base) else str(Path(base).parent / uri)
+    return beside if storage.exists(beside) or not storage.exists(uri) else uri
 
 
 def load_state(uri: str, device: torch.device | str, what: str) -> dict:

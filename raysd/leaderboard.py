@@ -107,6 +107,14 @@ class Options:
     ensemble_needs_gain: bool = False  # True: an ensemble replaces the best single model on a gain above its noise only
 
 
+def _portable(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """A table as written into ``out``: its checkpoints named relative to ``out`` (:func:`artifacts.report_path`)."""
+    if "checkpoint" not in table.columns:
+        return table
+    return table.assign(checkpoint=[artifacts.report_path(str(c), out) if isinstance(c, str) else c
+                                    for c in table["checkpoint"]])
+
+
 def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, options: Options | None = None,
           **kwargs: Any) -> Report:
     """Read an experiment and write every report into ``out`` (default ``results/<preset>``); ``options`` (or the
@@ -122,14 +130,14 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, o
                                "under studies/)")
     boot = bootstrap(exp, opts.bootstrap)
     board, values = leaderboard_table(exp, boot)
-    files = [atomic_write_csv(board, out / "leaderboard.csv")]
+    files = [atomic_write_csv(_portable(board, out), out / "leaderboard.csv")]
     if not any(t.status == "finished" for t in exp.trials):
         counts = board["status"].value_counts().to_dict()
         raise LeaderboardError(f"{exp.root}: no finished trial ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
                                f"nothing to rank or ensemble. The trials and their reasons are listed in "
                                f"{out / 'leaderboard.csv'}")
     best = best_models(exp, board)
-    files.append(atomic_write_csv(best, out / "best_models.csv"))
+    files.append(atomic_write_csv(_portable(best, out), out / "best_models.csv"))
 
     notes: list[str] = []
     per_type: dict[str, list[Candidate]] = {}
@@ -148,8 +156,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, o
                                         notes, opts.device)
         files += unlabelled.files
         if unlabelled.doc is not None:
-            files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE,
-                                           json.dumps(unlabelled.doc, indent=2, default=str)))
+            files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE, json.dumps(
+                artifacts.portable_document(unlabelled.doc, out), indent=2, default=str)))
     else:
         sign = 1 if exp.mode == "max" else -1
         for mt in sorted({t.machine_type for t in exp.trials}):
@@ -182,8 +190,8 @@ def build(experiment: str | os.PathLike, out: str | os.PathLike | None = None, o
     plot_files: dict[str, list[str]] = {}
     if chosen:
         doc = ensemble_document(exp, chosen, stats, by_name, quantile)
-        files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE, json.dumps(doc, indent=2, sort_keys=False,
-                                                                               default=str)))
+        files.append(atomic_write_text(out / artifacts.ENSEMBLE_FILE, json.dumps(
+            artifacts.portable_document(doc, out), indent=2, sort_keys=False, default=str)))
         per_clip = []
         for mt, c in chosen.items():
             thr = doc["machine_types"][mt]["threshold"]

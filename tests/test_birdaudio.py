@@ -68,7 +68,7 @@ def test_birdaudio_search_ranks_by_heldout_loss_and_reports_anomalies(tmp_path: 
     assert all((results / p).exists() for p in report["spectrogram"])
 
     (member,) = json.loads((results / "ensemble.json").read_text())["machine_types"]["site"]["members"]
-    ckpt = Path(member["checkpoint"])
+    ckpt = results / member["checkpoint"]  # relative to the report folder
     held = pd.read_csv(ckpt / "scores_heldout.csv")
     pruned = pd.read_csv(ckpt / "pruned.csv")
     train = pd.read_csv(ckpt / "scores_train.csv")

@@ -235,7 +235,7 @@ def report(experiment: Path, tmp_path_factory):
     return out
 
 
-def test_leaderboard_lists_every_trial_with_its_status(report: Path):
+def test_leaderboard_lists_every_trial_with_its_status(experiment: Path, report: Path):
     board = pd.read_csv(report / "leaderboard.csv", dtype={"trial_id": str})
     status = dict(zip(board["trial_id"], board["status"]))
     assert status == {"fd1": "finished", "fd2": "finished", "fg1": "finished", "vd1": "finished", "vd2": "finished",
@@ -251,6 +251,9 @@ def test_leaderboard_lists_every_trial_with_its_status(report: Path):
     assert row.loc["fd1", "gpu_hours"] == pytest.approx(100.0 / 3600)
     assert row.loc["fd1", "hp_lr"] == 1e-3 and row.loc["fg1", "hp_hidden"] == "[16]"
     assert row.loc["fd1", "checkpoint"].endswith("checkpoint_2026-01-01_00-00-03.000000")
+    assert (report / row.loc["fd1", "checkpoint"]).is_dir()  # named relative to the report folder
+    reports = [p for p in report.iterdir() if p.suffix in (".csv", ".json", ".md")]
+    assert reports and not any(str(experiment.resolve()) in p.read_text() for p in reports)  # no absolute paths
     # ranks per machine type follow the selection-half AUC; unscored trials have none
     for mt, g in board[board["rank"].notna()].groupby("machine_type"):
         assert g.sort_values("rank")["sel_auc"].is_monotonic_decreasing
@@ -337,7 +340,8 @@ def test_ensemble_json_holds_members_stats_and_thresholds(experiment: Path, repo
         for m in e["members"]:
             study, tid = m["study"], m["trial_id"]
             _, train = _z(experiment, study, tid)
-            raw = read_scores(str(Path(m["checkpoint"]) / "scores_train.csv"))
+            assert not Path(m["checkpoint"]).is_absolute()  # reports name no machine's folders
+            raw = read_scores(str(report / m["checkpoint"] / "scores_train.csv"))
             for sec, st in m["stats"].items():
                 s = raw.loc[raw["section"] == sec, "score"]
                 assert st["mean"] == pytest.approx(s.mean()) and st["std"] == pytest.approx(s.std(ddof=0))

@@ -151,7 +151,7 @@ def test_members_are_loaded_weights_only(experiment, tmp_path: Path):
     _, out = experiment
     doc = json.loads((out / "ensemble.json").read_text())
     entry = dict(doc["machine_types"]["fan"]["members"][0])
-    state = torch.load(entry["state"], weights_only=True)
+    state = torch.load(out / entry["state"], weights_only=True)  # relative to the ensemble file's folder
     state["extra"] = Payload()
     torch.save(state, tmp_path / "state.pt")
     entry["state"] = str(tmp_path / "state.pt")
@@ -160,4 +160,23 @@ def test_members_are_loaded_weights_only(experiment, tmp_path: Path):
     entry["params"] = {**entry["params"], "bottleneck": 3}  # dense_ae and conv_ae both have one
     entry["state"] = doc["machine_types"]["fan"]["members"][0]["state"]
     with pytest.raises(artifacts.ArtifactError, match="does not fit"):
-        artifacts.load_member(entry, torch.device("cpu"), str(tmp_path / "ensemble.json"))
+        artifacts.load_member(entry, torch.device("cpu"), str(out / "ensemble.json"))
+
+
+def test_a_results_folder_moved_with_its_experiment_finds_its_checkpoints(experiment, tmp_path: Path):
+    root, out = experiment
+    assert root.parent == out.parent
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved / root.name)
+    shutil.copytree(out, moved / out.name)
+    doc = json.loads((moved / out.name / "ensemble.json").read_text())
+    entry = doc["machine_types"]["fan"]["members"][0]
+    assert not Path(entry["state"]).is_absolute() and not Path(doc["experiment"]).is_absolute()
+    member = artifacts.load_member(entry, torch.device("cpu"), str(moved / out.name / "ensemble.json"))
+    assert member.name == entry["name"]
+    state = moved / out.name / entry["state"]
+    torch.save({"model": {"nothing": torch.zeros(1)}}, state)  # the moved copy, not the original, is read
+    with pytest.raises(artifacts.ArtifactError, match="does not fit") as e:
+        artifacts.load_member(entry, torch.device("cpu"), str(moved / out.name / "ensemble.json"))
+    assert str(moved) in str(e.value)
+    assert artifacts.report_path("s3://bucket/exp/ckpt", out) == "s3://bucket/exp/ckpt" and artifacts.report_path("", out) == ""
