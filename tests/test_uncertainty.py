@@ -131,3 +131,18 @@ def test_the_ensemble_rule_any_gain_or_above_the_noise() -> None:
     clear = cand("greedy max", 2, 0.83, base + 0.03 + rng.normal(0, 0.005, 500))
     chosen, why = choose([single, clear], "max", needs_gain=True)
     assert chosen is clear and "above its bootstrap noise" in why
+
+
+def test_a_roc_plots_section_interval_holds_its_auc_and_widens_with_fewer_clips() -> None:
+    from raysd.report.plots import section_auc_interval
+
+    rng = np.random.default_rng(3)
+    widths = []
+    for per in (12, 120):
+        t = clips(rng, separation=1.0, per=per)
+        r = t[(t["machine_type"] == "fan") & (t["section"] == "00") & (t["half"] == "report")]
+        score, label = r["score"].to_numpy(), r["label"].to_numpy()
+        lo, hi = section_auc_interval(r, score, label)
+        assert lo <= roc_auc_score(label, score) <= hi
+        widths.append(hi - lo)
+    assert widths[0] > 2 * widths[1] > 0  # about sqrt(10) wider with a tenth of the clips

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from raysd import uncertainty
 from raysd.atomic import atomic_path
 from raysd.ensemble import half_rows
 from raysd.report.ensembles import Candidate, member_label
@@ -97,8 +99,16 @@ def plot_embedding(xy: np.ndarray, pct: np.ndarray, top_pos: np.ndarray, path: P
     return save(fig, path)
 
 
+def section_auc_interval(rows: pd.DataFrame, score: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    """The 95% bootstrap interval of one section's AUC (clips drawn within domain x label, as the leaderboard's)."""
+    rs = uncertainty.resampler([rows], n_boot=uncertainty.N_BOOT)
+    auc, _ = uncertainty.auc_pauc(score, label, rs.weights[:, rs.positions(rows)])
+    return uncertainty.interval(auc)
+
+
 def plot_roc(mt: str, single: Candidate, ens: Candidate | None, path: Path, half: str = "report") -> Path | None:
-    """ROC curves per section on one half of the test clips: best single model against the best ensemble."""
+    """ROC curves per section on one half of the test clips, best single model against the best ensemble, each with
+    its AUC and that AUC's 95% bootstrap interval."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = pyplot()
@@ -116,15 +126,18 @@ def plot_roc(mt: str, single: Candidate, ens: Candidate | None, path: Path, half
             y = r["label"].astype(int).to_numpy()
             if len(set(y)) < 2:
                 continue
-            fpr, tpr, _ = roc_curve(y, r["score"].astype(float))
-            ax.plot(fpr, tpr, style, label=f"{cand.name} (AUC {roc_auc_score(y, r['score'].astype(float)):.3f})")
+            score = r["score"].astype(float).to_numpy()
+            fpr, tpr, _ = roc_curve(y, score)
+            lo, hi = section_auc_interval(r, score, y)
+            ax.plot(fpr, tpr, style, label=f"{cand.name}: AUC {roc_auc_score(y, score):.3f} [{lo:.2f}, {hi:.2f}]")
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.axvline(0.1, color="grey", lw=0.5)
         ax.set_title(f"{mt} section {sec}", fontsize=9)
         ax.set_xlabel("false positive rate")
         ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("true positive rate")
-    fig.suptitle(f"{mt}: ROC per section on the {half} half (grey line: FPR 0.1, the pAUC limit)", fontsize=10)
+    fig.suptitle(f"{mt}: ROC per section on the {half} half, AUC [95% bootstrap interval] (grey line: FPR 0.1, the "
+                 "pAUC limit)", fontsize=10)
     fig.tight_layout()
     return save(fig, path, dpi=110)
 
